@@ -1,0 +1,119 @@
+"""The one settings class. Every knob is an env var with the `VURKSHA_` prefix.
+
+`DATABASE_URL` and `REDIS_URL` are also read without the prefix because that is what
+platforms (Heroku-style PaaS, Kubernetes secrets, CI) conventionally inject.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Secrets that ship in the code for development. Production refuses to start with them.
+DEV_OTP_PEPPER = "dev-only-otp-pepper-do-not-use-in-production"
+DEV_ADMIN_PHONE = "+919000000001"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VURKSHA_", extra="ignore", frozen=True)
+
+    env: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Path(".vurksha")
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("VURKSHA_DATABASE_URL", "DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("VURKSHA_REDIS_URL", "REDIS_URL")
+    )
+    db_pool_size: int = Field(default=5, ge=1, le=100)
+    db_max_overflow: int = Field(default=5, ge=0, le=100)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    # Peers whose X-Forwarded-For we believe (our own ingress runs on loopback).
+    trusted_proxies: list[str] = ["127.0.0.1", "::1"]
+    log_level: str = "INFO"
+
+    # JWT: EdDSA (Ed25519). The private key is PEM text or a file; in development and
+    # test a key is generated into the data dir on first run.
+    jwt_private_key: SecretStr | None = None
+    jwt_private_key_file: Path | None = None
+    jwt_issuer: str = "vurksha"
+    jwt_audience: str = "vurksha-api"
+    access_token_ttl_seconds: int = Field(default=15 * 60, ge=60, le=3600)
+    refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=3600)
+    max_sessions_per_user: int = Field(default=20, ge=1)
+
+    # OTP login.
+    otp_pepper: SecretStr = SecretStr(DEV_OTP_PEPPER)
+    otp_ttl_seconds: int = Field(default=300, ge=30)
+    otp_resend_after_seconds: int = Field(default=30, ge=0)
+    otp_max_attempts: int = Field(default=5, ge=1)
+    otp_max_sends_per_phone_per_hour: int = Field(default=5, ge=1)
+    otp_max_sends_per_ip_per_hour: int = Field(default=20, ge=1)
+    otp_max_consecutive_failures: int = Field(default=100, ge=1)
+    otp_lockout_seconds: int = Field(default=3600, ge=60)
+    phone_default_region: str = "IN"
+
+    # SMS: a Twilio-compatible HTTP provider in production; the dev outbox elsewhere.
+    sms_provider: Literal["dev_outbox", "http"] = "dev_outbox"
+    sms_http_base_url: str = "https://api.twilio.com"
+    sms_account_sid: str = ""
+    sms_auth_token: SecretStr = SecretStr("")
+    sms_from: str = "VURKSHA"
+    enable_dev_endpoints: bool | None = None
+
+    # Generic API rate limits (fixed one-minute windows in Redis).
+    rate_limit_per_ip_per_minute: int = Field(default=1200, ge=1)
+    rate_limit_per_user_per_minute: int = Field(default=600, ge=1)
+
+    admin_phone: str = DEV_ADMIN_PHONE
+
+    @model_validator(mode="after")
+    def _production_guard(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = []
+        if self.otp_pepper.get_secret_value() in ("", DEV_OTP_PEPPER):
+            problems.append("VURKSHA_OTP_PEPPER must be set to a secret value")
+        if not (self.jwt_private_key or self.jwt_private_key_file):
+            problems.append("VURKSHA_JWT_PRIVATE_KEY or VURKSHA_JWT_PRIVATE_KEY_FILE must be set")
+        if not self.database_url or not self.redis_url:
+            problems.append("DATABASE_URL and REDIS_URL must point at managed servers")
+        if (
+            self.sms_provider != "http"
+            or not self.sms_account_sid
+            or not self.sms_auth_token.get_secret_value()
+        ):
+            problems.append(
+                "VURKSHA_SMS_PROVIDER=http with VURKSHA_SMS_ACCOUNT_SID and "
+                "VURKSHA_SMS_AUTH_TOKEN is required"
+            )
+        if self.enable_dev_endpoints:
+            problems.append("VURKSHA_ENABLE_DEV_ENDPOINTS is not allowed in production")
+        if self.admin_phone == DEV_ADMIN_PHONE:
+            problems.append("VURKSHA_ADMIN_PHONE must be set")
+        if problems:
+            raise ValueError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+    @property
+    def dev_endpoints(self) -> bool:
+        """Dev-only routes (the SMS outbox) exist outside production unless switched off."""
+        if self.enable_dev_endpoints is None:
+            return self.env != "production"
+        return self.enable_dev_endpoints
+
+    @property
+    def key_file(self) -> Path:
+        return self.jwt_private_key_file or (self.data_dir / "jwt" / "ed25519.pem")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
