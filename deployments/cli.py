@@ -1,0 +1,69 @@
+"""`vurksha`: run the backend, migrate, seed, or regenerate the OpenAPI document."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+
+from config.logging import setup_logging
+from config.settings import get_settings
+
+
+def _run() -> None:
+    from deployments.launcher import backend
+
+    # SIGTERM must unwind like Ctrl-C so that Ray and the embedded servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with backend() as settings:
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        print(
+            f"\nVurksha is up on {base}\n  API docs: {base}/<service>/docs, e.g. {base}/users/docs\n"
+            f"  merged OpenAPI: openapi.json in the repository\n  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("stopping…", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vurksha", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start embedded servers (if needed), migrate, seed and serve")
+    sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    sub.add_parser("seed", help="load seed and demo data (idempotent)")
+    openapi = sub.add_parser("openapi", help="write the merged OpenAPI document")
+    openapi.add_argument("--check", action="store_true", help="exit 1 if openapi.json is stale")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    setup_logging(settings.log_level)
+
+    if args.command == "run":
+        _run()
+    elif args.command in ("migrate", "seed"):
+        if not settings.database_url:
+            parser.error("DATABASE_URL is not set (use `vurksha run` for the embedded servers)")
+        if args.command == "migrate":
+            from models.migrate import upgrade
+
+            upgrade(settings.database_url)
+        else:
+            from pipelines.seed import seed
+
+            asyncio.run(seed(settings))
+    elif args.command == "openapi":
+        from deployments.openapi import OPENAPI_FILE, render
+
+        text = render()
+        if args.check:
+            sys.exit(0 if OPENAPI_FILE.exists() and OPENAPI_FILE.read_text() == text else 1)
+        OPENAPI_FILE.write_text(text)
+        print(f"wrote {OPENAPI_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""The shared HTTP layer of every service: app factory, problem-document errors, request ids,
+a DB session per request, Redis rate limits, authentication and roles, health checks, and the
+Serve ingress builder. Business rules live in `models/`, never here."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import cached_property
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from config.logging import setup_logging
+from config.settings import Settings, get_settings
+from models import users
+from models.db import make_engine, make_sessionmaker, utcnow
+from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
+from models.notifications import SmsProvider, make_sms_provider
+from models.tokens import AccessClaims, TokenService
+
+log = logging.getLogger("vurksha.http")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# ---------------------------------------------------------------- per-process resources
+
+
+class Resources:
+    """Connections and keys one process (a Serve replica, or uvicorn) shares across requests."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.database_url or not settings.redis_url:
+            raise RuntimeError("DATABASE_URL and REDIS_URL must be set (the launcher sets them)")
+        self.settings = settings
+        self.engine: AsyncEngine = make_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
+        self.sessionmaker: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        self.redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        self.tokens = TokenService.from_settings(settings)
+        self.limiter = RateLimiter(self.redis)
+        self.trusted_proxies: list[IPNetwork] = [
+            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
+        ]
+
+    @cached_property
+    def sms(self) -> SmsProvider:
+        return make_sms_provider(self.settings, self.redis)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+_resources: Resources | None = None
+
+
+def resources() -> Resources:
+    global _resources
+    if _resources is None:
+        _resources = Resources(get_settings())
+    return _resources
+
+
+# ---------------------------------------------------------------- errors
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem document; `code` is the stable, machine-readable part."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    request_id: str | None = None
+
+
+# Validation error types that are specific enough to be the problem's code.
+CUSTOM_VALIDATION_CODES = {"invalid_phone"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {
+        "model": Problem,
+        "description": HTTPStatus(status).phrase,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    for status in (400, 401, 403, 404, 409, 422, 429, 503)
+}
+
+
+def problem(
+    request: Request,
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {
+        "type": f"urn:vurksha:problem:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "code": code,
+        "detail": detail,
+        "request_id": getattr(request.state, "request_id", None),
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
+
+
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return problem(request, exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Never echo the input back: it may be an OTP, a token or personal data.
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    code = (
+        errors[0]["type"] if errors and errors[0]["type"] in CUSTOM_VALIDATION_CODES else "validation_error"
+    )
+    return problem(request, 422, code, "The request is not valid", errors=errors)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem(request, exc.status_code, code, detail, headers)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error (request %s)", getattr(request.state, "request_id", "-"), exc_info=exc)
+    return problem(request, 500, "internal_error", "Something went wrong on our side")
+
+
+# ---------------------------------------------------------------- request id
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def _under_serve() -> bool:
+    try:
+        serve.get_replica_context()
+    except Exception:  # raises outside a Serve replica
+        return False
+    return True
+
+
+class RequestIdMiddleware:
+    """Every request has an id, echoed as `X-Request-ID` and put in problem bodies. Under Serve
+    the proxy already assigns one (the caller's, or a fresh one), puts it in the request
+    headers and echoes it; elsewhere (plain uvicorn) this middleware does both, accepting only
+    a sane caller id. Pure ASGI, not BaseHTTPMiddleware: it is on every request's hot path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.echo: bool | None = None  # decided on the first request, once serve is importable
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self.echo is None:
+            self.echo = not _under_serve()
+        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        extra = [(b"x-content-type-options", b"nosniff")]
+        if self.echo:
+            request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+            extra.append((b"x-request-id", request_id.encode()))
+        else:
+            request_id = incoming
+        scope.setdefault("state", {})["request_id"] = request_id or None
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+# ---------------------------------------------------------------- DB session
+
+
+async def get_db() -> AsyncIterator[AsyncSession]:
+    """One transaction per request, committed at the boundary before the response is sent
+    (the dependency is function-scoped); any error rolls it back unless the error says the
+    failure itself must be recorded."""
+    async with resources().sessionmaker() as session:
+        try:
+            yield session
+        except AppError as exc:
+            if exc.keep_changes:
+                await session.commit()
+            else:
+                await session.rollback()
+            raise
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()
+
+
+Db = Annotated[AsyncSession, Depends(get_db, scope="function")]
+
+
+# ---------------------------------------------------------------- client ip, rate limits
+
+
+def resolve_client_ip(peer: str, forwarded_for: str, trusted: list[IPNetwork]) -> str:
+    """The caller's address. X-Forwarded-For is believed only when the peer is a trusted
+    proxy, and then only up to the first hop (from the right) that is not itself trusted."""
+
+    def is_trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in trusted)
+
+    if not is_trusted(peer):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()][-20:]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # garbage in the header: fall back to the peer we can see
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else peer
+
+
+def client_ip(request: Request) -> str:
+    peer = request.client.host if request.client else "0.0.0.0"
+    return resolve_client_ip(peer, request.headers.get("x-forwarded-for", ""), resources().trusted_proxies)
+
+
+class RateLimiter:
+    """Fixed one-minute windows in Redis: one pipelined round trip checks several keys."""
+
+    WINDOW = 60
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def hit(self, limits: list[tuple[str, int]]) -> int | None:
+        """Count one request against each (key, limit); return seconds to wait if any is over."""
+        now = time.time()
+        window = int(now // self.WINDOW)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, _ in limits:
+                name = f"rl:{key}:{window}"
+                pipe.incr(name)
+                pipe.expire(name, self.WINDOW + 1, nx=True)
+            results = await pipe.execute()
+        counts = results[0::2]
+        if any(count > limit for count, (_, limit) in zip(counts, limits, strict=True)):
+            return self.WINDOW - int(now % self.WINDOW)
+        return None
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def rate_limit(request: Request) -> AccessClaims | None:
+    """Per-IP limit on every request, plus a per-user limit when a valid token is present.
+    Returns the verified claims so authentication does not verify twice."""
+    res = resources()
+    claims = None
+    if token := _bearer(request):
+        try:
+            claims = res.tokens.verify(token)
+        except Unauthorized:
+            claims = None
+    limits = [(f"ip:{client_ip(request)}", res.settings.rate_limit_per_ip_per_minute)]
+    if claims is not None:
+        limits.append((f"user:{claims.sub}", res.settings.rate_limit_per_user_per_minute))
+    if (retry_after := await res.limiter.hit(limits)) is not None:
+        raise TooManyRequests("Too many requests; slow down", retry_after=retry_after)
+    return claims
+
+
+RateLimited = Depends(rate_limit)
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: users.User
+    session_id: uuid.UUID
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.user.id
+
+    @property
+    def role(self) -> str:
+        return self.user.role
+
+
+# Declares bearer auth in OpenAPI (the docs' Authorize button); the token is read below.
+BEARER = HTTPBearer(auto_error=False, description="Access token from /users/auth/verify")
+
+
+async def current_principal(
+    request: Request,
+    db: Db,
+    claims: Annotated[AccessClaims | None, RateLimited],
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Principal:
+    if claims is None:
+        token = _bearer(request)
+        if token is None:
+            raise Unauthorized("Authentication required", code="not_authenticated")
+        claims = resources().tokens.verify(token)  # raises the precise 401
+    user = await users.authenticate(db, user_id=claims.sub, session_id=claims.sid, now=utcnow())
+    return Principal(user=user, session_id=claims.sid)
+
+
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+def require_role(*roles: str) -> Callable[..., Any]:
+    """Dependency: the caller must hold one of `roles` (read from the DB, not the token)."""
+
+    async def check(principal: CurrentUser) -> Principal:
+        if principal.role not in roles:
+            raise Forbidden("You are not allowed to do this", code="forbidden_role")
+        return principal
+
+    return check
+
+
+# ---------------------------------------------------------------- app factory
+
+
+class Health(BaseModel):
+    status: str
+    service: str
+    checks: dict[str, str]
+
+
+def create_api(service: str, *, title: str, description: str) -> FastAPI:
+    """A FastAPI app with the shared behaviour every service has."""
+    api = FastAPI(
+        title=title,
+        description=description,
+        version="0.1.0",
+        responses=ERROR_RESPONSES,
+    )
+    api.add_middleware(RequestIdMiddleware)
+    api.add_exception_handler(AppError, _app_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(Exception, _unhandled)
+
+    @api.get("/healthz", tags=["ops"], response_model=Health)
+    async def healthz() -> Health | JSONResponse:
+        """Liveness and readiness: the service answers and reaches PostgreSQL and Redis."""
+        res = resources()
+        checks: dict[str, str] = {}
+
+        async def probe(name: str, fn: Callable[[], Any]) -> None:
+            try:
+                await asyncio.wait_for(fn(), timeout=2)
+                checks[name] = "ok"
+            except Exception as exc:  # any failure means not ready; say which
+                checks[name] = f"error: {type(exc).__name__}"
+
+        async def pg() -> None:
+            async with res.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        await asyncio.gather(probe("postgres", pg), probe("redis", res.redis.ping))
+        healthy = all(v == "ok" for v in checks.values())
+        body = Health(status="ok" if healthy else "degraded", service=service, checks=checks)
+        if healthy:
+            return body
+        return JSONResponse(body.model_dump(), status_code=503)
+
+    # Every route added from here on is rate limited; health probes above are not.
+    api.router.dependencies.append(RateLimited)
+    return api
+
+
+# ---------------------------------------------------------------- Serve
+
+
+class _Ingress:
+    def __init__(self) -> None:
+        setup_logging(get_settings().log_level)
+        resources()  # fail the replica at start, not on the first request, if config is bad
+
+    async def __del__(self) -> None:
+        if _resources is not None:
+            await _resources.close()
+
+
+INGRESS_DEFAULTS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.1},
+    "max_ongoing_requests": 200,
+    "logging_config": {"enable_access_log": False},
+}
+
+
+def serve_builder(api: FastAPI, name: str) -> Callable[[dict[str, Any]], Application]:
+    """The builder `serve.yaml` imports (`import_path: deployments.<name>:app`)."""
+    ingress_cls = type(f"{name.title()}Ingress", (_Ingress,), {"__doc__": api.description})
+    deployment = serve.deployment(name=name, **INGRESS_DEFAULTS)(serve.ingress(api)(ingress_cls))
+
+    def build(args: dict[str, Any] | None = None) -> Application:
+        return deployment.bind()
+
+    return build

