@@ -1,0 +1,194 @@
+"""The shared HTTP layer and the platform: health of every application, problem documents,
+request ids, rate limits, OpenAPI, migrations, and production hardening."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import make_url, text
+
+from deployments.common import resolve_client_ip
+from deployments.launcher import SERVE_CONFIG
+from deployments.openapi import OPENAPI_FILE, render
+from models.db import make_engine
+from models.migrate import downgrade, upgrade
+from tests.conftest import ROOT, Live, Session, fake_ip
+
+APPS = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+
+
+@pytest.mark.parametrize("app", APPS, ids=lambda a: a["name"])
+def test_every_application_is_healthy(live: Live, app: dict):
+    response = live.client().get(f"{app['route_prefix']}/healthz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "service": app["name"],
+        "checks": {"postgres": "ok", "redis": "ok"},
+    }
+
+
+def test_unknown_route_is_a_problem_document_with_request_id(live: Live):
+    response = live.client().get("/users/nope", headers={"X-Request-ID": "req-123"})
+    assert response.status_code == 404
+    assert response.headers["x-request-id"] == "req-123"
+    body = response.json()
+    assert body == {
+        "type": "urn:vurksha:problem:not_found",
+        "title": "Not Found",
+        "status": 404,
+        "code": "not_found",
+        "detail": "Not Found",
+        "request_id": "req-123",
+    }
+
+
+def test_request_id_is_generated_when_missing(live: Live):
+    response = live.client().get("/users/me")
+    assert response.status_code == 401
+    assert (
+        response.headers["x-request-id"] and response.json()["request_id"] == response.headers["x-request-id"]
+    )
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_malformed_json_is_422_not_500(live: Live):
+    response = live.client().post(
+        "/users/auth/otp", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422 and response.json()["code"] == "validation_error"
+
+
+def test_validation_errors_do_not_echo_input(live: Live):
+    response = live.client().post("/users/auth/verify", json={"challenge_id": "x", "code": "secret-code-99"})
+    assert response.status_code == 422 and "secret-code-99" not in response.text
+
+
+def test_per_ip_rate_limit_with_retry_after(live: Live):
+    client = live.client(ip=fake_ip())
+    statuses = [client.get("/users/me").status_code for _ in range(301)]
+    assert statuses[:300] == [401] * 300 and statuses[300] == 429
+    limited = client.get("/users/me")
+    assert limited.json()["code"] == "rate_limited" and 1 <= int(limited.headers["retry-after"]) <= 60
+    assert live.client().get("/users/me").status_code == 401  # other callers are unaffected
+
+
+def test_per_user_rate_limit_follows_the_user_across_networks(live: Live, user: Session):
+    statuses = [
+        user.client.get("/users/me", headers={**user.auth, "X-Forwarded-For": fake_ip()}).status_code
+        for _ in range(121)
+    ]
+    assert statuses[:120] == [200] * 120 and statuses[120] == 429
+
+
+def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored():
+    """Only trusted proxies may set the client address; unit-level check of the rule."""
+    trusted = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")]
+    assert resolve_client_ip("203.0.113.9", "198.51.100.1", trusted) == "203.0.113.9"
+    assert resolve_client_ip("127.0.0.1", "198.51.100.1, 203.0.113.7", trusted) == "203.0.113.7"
+    assert resolve_client_ip("127.0.0.1", "198.51.100.1, 203.0.113.7, 10.1.2.3", trusted) == "203.0.113.7"
+    assert resolve_client_ip("127.0.0.1", "garbage", trusted) == "127.0.0.1"
+    assert resolve_client_ip("127.0.0.1", "", trusted) == "127.0.0.1"
+
+
+def test_merged_openapi_is_current():
+    assert OPENAPI_FILE.read_text() == render(), "openapi.json is stale: run `make openapi`"
+
+
+def test_migrations_run_down_and_up_from_empty(live: Live):
+    """In a separate, empty database, so the live backend keeps its schema."""
+    name = "vurksha_migration_test"
+
+    async def recreate() -> None:
+        engine = make_engine(live.database_url, pool_size=1, max_overflow=0)
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            await conn.execute(text(f"CREATE DATABASE {name}"))
+        await engine.dispose()
+
+    asyncio.run(recreate())
+    url = make_url(live.database_url).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    downgrade(url, "base")
+    upgrade(url)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dev_outbox_is_404_in_production(live: Live):
+    """The notifications app started with production settings, under uvicorn, over HTTP."""
+    port = _free_port()
+    key = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    env = {
+        **os.environ,
+        "VURKSHA_ENV": "production",
+        "DATABASE_URL": live.database_url,
+        "REDIS_URL": live.redis_url,
+        "VURKSHA_OTP_PEPPER": "a-real-secret-pepper",
+        "VURKSHA_JWT_PRIVATE_KEY": key.decode(),
+        "VURKSHA_SMS_PROVIDER": "http",
+        "VURKSHA_SMS_ACCOUNT_SID": "AC0000",
+        "VURKSHA_SMS_AUTH_TOKEN": "token",
+        "VURKSHA_ADMIN_PHONE": "+919812345678",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "deployments.notifications:api",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert health.status_code == 200
+        response = httpx.get(f"http://127.0.0.1:{port}/dev/outbox", params={"to": "+919812345678"})
+        assert response.status_code == 404 and response.json()["code"] == "not_found"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_production_refuses_to_start_with_default_secrets():
+    env = {**os.environ, "VURKSHA_ENV": "production"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from config.settings import get_settings; get_settings()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "refusing to start in production" in result.stderr
