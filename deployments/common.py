@@ -296,7 +296,9 @@ class RateLimiter:
             for key, _ in limits:
                 name = f"rl:{key}:{window}"
                 pipe.incr(name)
-                pipe.expire(name, self.WINDOW + 1, nx=True)
+                # Plain EXPIRE (no NX: Redis 6.2, the embedded server, lacks it). The key is
+                # per window, so refreshing its TTL never stretches a window.
+                pipe.expire(name, self.WINDOW + 1)
             results = await pipe.execute()
         counts = results[0::2]
         if any(count > limit for count, (_, limit) in zip(counts, limits, strict=True)):
