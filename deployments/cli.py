@@ -15,7 +15,9 @@ from config.settings import get_settings
 def _run() -> None:
     from deployments.launcher import backend
 
-    # SIGTERM must unwind like Ctrl-C so that Ray and the embedded servers are stopped.
+    # SIGINT and SIGTERM must unwind so that Ray and the embedded servers are stopped, even
+    # when SIGINT was inherited as ignored (a background job of a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with backend() as settings:
         base = f"http://{settings.http_host}:{settings.http_port}"

@@ -188,5 +188,7 @@ def backend(settings: Settings | None = None, *, reset: bool = False) -> Iterato
         deploy(settings)
         yield settings
     finally:
-        shutdown()
-        stop_all()
+        try:
+            shutdown()
+        finally:
+            stop_all()

@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -192,3 +193,32 @@ def test_production_refuses_to_start_with_default_secrets():
         text=True,
     )
     assert result.returncode != 0 and "refusing to start in production" in result.stderr
+
+
+def _is_loopback(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def test_ray_serve_and_haproxy_listen_on_loopback_only(live: Live):
+    """GCS, raylet, agents, metrics, HAProxy (ingress, stats, Prometheus) and replicas' HTTP
+    servers must not be reachable from the network."""
+    offenders = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status != psutil.CONN_LISTEN or not conn.pid or _is_loopback(conn.laddr.ip):
+            continue
+        try:
+            proc = psutil.Process(conn.pid)
+            ours = (
+                proc.exe().startswith(sys.prefix)
+                or "haproxy" in proc.name()
+                or proc.name().startswith("ray::")
+            )
+        except psutil.Error:
+            continue
+        if ours:
+            offenders.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+    # The one known exception: Ray 2.60 binds each replica's inter-deployment gRPC server on
+    # [::] (hard-coded in ray/serve/_private/replica.py); it requires the cluster token.
+    assert all(name.startswith("ray::ServeRepli") for name, _, _ in offenders), offenders
