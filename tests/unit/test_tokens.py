@@ -1,12 +1,15 @@
 """Access-token rules: pinned EdDSA, kid, required claims, expiry, issuer and audience."""
 
 import base64
+import hashlib
+import hmac
 import json
 import uuid
 from datetime import timedelta
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 
@@ -25,6 +28,21 @@ def issue(svc: TokenService, **kw) -> str:
     return svc.issue(
         user_id=uuid.uuid4(), session_id=uuid.uuid4(), role="customer", now=kw.get("now", utcnow())
     )
+
+
+def claims(role: str = "customer") -> dict:
+    """A complete, valid claim set, for hand-made tokens."""
+    now = int(utcnow().timestamp())
+    return {
+        "iss": "vurksha",
+        "aud": "vurksha-api",
+        "sub": str(uuid.uuid4()),
+        "sid": str(uuid.uuid4()),
+        "role": role,
+        "iat": now,
+        "exp": now + 900,
+        "jti": "x",
+    }
 
 
 def b64(obj) -> str:
@@ -84,26 +102,11 @@ def test_alg_none_is_rejected():
 def test_hs256_signed_with_public_key_is_rejected():
     """The classic algorithm-confusion attack: HMAC keyed with the public key bytes."""
     svc = service()
-    from cryptography.hazmat.primitives import serialization
-
     pub = KEY.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    now = int(utcnow().timestamp())
-    payload = {
-        "iss": "vurksha",
-        "aud": "vurksha-api",
-        "sub": str(uuid.uuid4()),
-        "sid": str(uuid.uuid4()),
-        "role": "admin",
-        "iat": now,
-        "exp": now + 900,
-        "jti": "x",
-    }
+    payload = claims(role="admin")
     header = b64({"alg": "HS256", "typ": "JWT", "kid": svc.kid})
-    import hashlib
-    import hmac
-
     body = f"{header}.{b64(payload)}"
     sig = (
         base64.urlsafe_b64encode(hmac.new(pub, body.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
@@ -115,17 +118,7 @@ def test_hs256_signed_with_public_key_is_rejected():
 @pytest.mark.parametrize("missing", ["exp", "iat", "jti", "sub", "aud", "iss"])
 def test_missing_required_claim_is_rejected(missing):
     svc = service()
-    now = int(utcnow().timestamp())
-    payload = {
-        "iss": "vurksha",
-        "aud": "vurksha-api",
-        "sub": str(uuid.uuid4()),
-        "sid": str(uuid.uuid4()),
-        "role": "customer",
-        "iat": now,
-        "exp": now + 900,
-        "jti": "x",
-    }
+    payload = claims()
     del payload[missing]
     token = jwt.encode(payload, KEY, algorithm="EdDSA", headers={"kid": svc.kid})
     with pytest.raises(Unauthorized):
@@ -133,8 +126,6 @@ def test_missing_required_claim_is_rejected(missing):
 
 
 def test_rsa_key_is_refused_as_signing_key(tmp_path):
-    from cryptography.hazmat.primitives import serialization
-
     from config.settings import Settings
     from models.tokens import load_private_key
 
