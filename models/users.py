@@ -69,6 +69,8 @@ class User(TimestampMixin, Base):
     email: Mapped[str | None] = mapped_column(String(254))
     role: Mapped[str] = mapped_column(String(16), default=Role.customer, server_default="customer")
     is_active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # Set by checkout when the first order is placed; first-order-only coupons check it.
+    first_order_at: Mapped[datetime | None]
 
 
 class OtpChallenge(Base):
