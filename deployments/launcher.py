@@ -117,7 +117,12 @@ def start_ray(settings: Settings) -> None:
     _stop_orphaned_haproxy()
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=settings.env != "test", configure_logging=False)
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=settings.env != "test",
+        configure_logging=False,
+    )
     token = Path.home() / ".ray" / "auth_token"
     if token.exists():
         token.chmod(0o600)  # Ray writes it world-readable

@@ -6,12 +6,14 @@ non-negative are CHECK constraints, so no code path can oversell even by mistake
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime, time
 
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
+    ColumnElement,
     Float,
     ForeignKey,
     Index,
@@ -19,6 +21,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
+    select,
     text,
 )
 from sqlalchemy import text as sql_text
@@ -27,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, TimestampMixin, new_id
+from models.errors import AppError
 
 # GST slabs in basis points (0 %, 5 %, 12 %, 18 %, 28 %).
 GST_SLABS_BP = (0, 500, 1200, 1800, 2800)
@@ -212,3 +217,37 @@ WHERE c.id = p.category_id AND (CAST(:ids AS uuid[]) IS NULL OR p.id = ANY(CAST(
 async def refresh_search_vectors(session: AsyncSession, product_ids: list[uuid.UUID] | None = None) -> None:
     """Recompute the search document of the given products (all when None)."""
     await session.execute(sql_text(SEARCH_DOCUMENT_SQL), {"ids": product_ids})
+
+
+class NotServiceable(AppError):
+    status_code = 422
+    code = "not_serviceable"
+
+
+def distance_km(lat: float, lng: float) -> ColumnElement[float]:
+    """Great-circle (haversine) distance in km from a store to the point."""
+    dlat = func.radians(lat - Store.lat) / 2
+    dlng = func.radians(lng - Store.lng) / 2
+    a = func.power(func.sin(dlat), 2) + func.cos(func.radians(Store.lat)) * math.cos(
+        math.radians(lat)
+    ) * func.power(func.sin(dlng), 2)
+    return 2 * 6371.0 * func.asin(func.sqrt(a))
+
+
+async def serving_stores(session: AsyncSession, lat: float, lng: float) -> list[tuple[Store, float]]:
+    """Active stores whose service radius covers the point, nearest first, with distance."""
+    distance = distance_km(lat, lng).label("distance_km")
+    rows = await session.execute(
+        select(Store, distance)
+        .where(Store.is_active, distance <= Store.service_radius_km)
+        .order_by(distance, Store.code)
+    )
+    return [(store, float(km)) for store, km in rows.all()]
+
+
+async def serving_store(session: AsyncSession, lat: float, lng: float) -> Store:
+    """The one store that serves a point (the nearest covering it), or 422 not_serviceable."""
+    stores = await serving_stores(session, lat, lng)
+    if not stores:
+        raise NotServiceable("No dark store delivers to this location yet")
+    return stores[0][0]
