@@ -1,17 +1,22 @@
-"""Seed data: the admin account and demo customers. Idempotent: running it twice changes
-nothing. `python -m pipelines.seed` (or `vurksha seed`)."""
+"""Seed data: the admin account, demo customers and the catalog (stores, categories, products,
+stock; see pipelines/catalog.py). Idempotent: running it twice changes nothing.
+`python -m pipelines.seed [--parquet PATH]` (or `vurksha seed`)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from config.logging import setup_logging
 from config.settings import Settings, get_settings
 from models import users
 from models.db import make_engine, make_sessionmaker
+from pipelines import catalog
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +63,43 @@ async def seed_users(session: AsyncSession, settings: Settings) -> None:
         await users.create_address(session, user.id, address)
 
 
-async def seed(settings: Settings) -> None:
+async def seed(settings: Settings, *, parquet: Path | None = None) -> catalog.LoadResult:
+    """Seed everything in one transaction. `parquet` overrides `settings.catalog_parquet`,
+    which defaults to the shared dataset beside the repository."""
     assert settings.database_url
+    source = parquet or settings.catalog_parquet or catalog.DEFAULT_PARQUET
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
     try:
         async with make_sessionmaker(engine)() as session, session.begin():
             await seed_users(session, settings)
+            result = await catalog.load_catalog(
+                session, parquet=source, image_base_url=settings.catalog_image_base_url
+            )
     finally:
         await engine.dispose()
     log.info("seed data in place (admin %s)", settings.admin_phone[:-4] + "****")
+    log.info(
+        "catalog: %d stores (%d changed), %d categories (%d changed), %d products (%d changed),"
+        " %d inventory rows added, in %.2f s",
+        result.stores,
+        result.stores_changed,
+        result.categories,
+        result.categories_changed,
+        result.products,
+        result.products_changed,
+        result.inventory_added,
+        result.seconds,
+    )
+    return result
 
 
-def main() -> None:
-    asyncio.run(seed(get_settings()))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.seed", description=__doc__)
+    parser.add_argument("--parquet", type=Path, help="the Online Retail Parquet file to load")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    asyncio.run(seed(settings, parquet=args.parquet))
 
 
 if __name__ == "__main__":
