@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -75,6 +76,7 @@ class _Slot:
 
 class ShardStats(carts.Strict):
     index: int
+    pid: int  # changes when the actor restarts
     carts_in_memory: int
 
 
@@ -222,7 +224,7 @@ class CartShard:
         return await self._run(user_id, lambda s, ctx: carts.choose_address(s, ctx, utcnow()), load)
 
     async def stats(self) -> ShardStats:
-        return ShardStats(index=self.index, carts_in_memory=len(self._slots))
+        return ShardStats(index=self.index, pid=os.getpid(), carts_in_memory=len(self._slots))
 
 
 # ---------------------------------------------------------------- callers' side
