@@ -29,13 +29,13 @@ from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import and_, func, literal, select
+from sqlalchemy import and_, func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config.settings import Settings
 from models.errors import AppError, Conflict, NotFound, Unprocessable
-from models.products import Coupon, CouponRedemption, Inventory, Product, Store, serving_store
-from models.users import Address, User
+from models.products import Coupon, CouponRedemption, Inventory, NotServiceable, Product
+from models.users import User
 
 # ---------------------------------------------------------------- state (held by the actors)
 
@@ -390,24 +390,51 @@ class AddressRequired(Conflict):
     code = "address_required"
 
 
+# The address (the chosen one if it is still the user's, else the default) and the store that
+# serves it, in one round trip. Same rule as `models.products.serving_store` (the nearest active
+# store whose radius covers the point, haversine km, ties by code), joined to the address.
+BIND_SQL = text(
+    """
+SELECT a.id AS address_id, s.id AS store_id, s.code AS store_code, s.name AS store_name
+FROM addresses AS a
+LEFT JOIN LATERAL (
+    SELECT d.id, d.code, d.name FROM (
+        SELECT st.id, st.code, st.name, st.service_radius_km,
+               2 * 6371.0 * asin(sqrt(
+                   power(sin(radians(a.lat - st.lat) / 2), 2)
+                   + cos(radians(st.lat)) * cos(radians(a.lat)) * power(sin(radians(a.lng - st.lng) / 2), 2)
+               )) AS km
+        FROM stores AS st
+        WHERE st.is_active
+    ) AS d
+    WHERE d.km <= d.service_radius_km
+    ORDER BY d.km, d.code
+    LIMIT 1
+) AS s ON true
+WHERE a.user_id = :user_id AND (a.id = CAST(:address_id AS uuid) OR a.is_default)
+ORDER BY (a.id = CAST(:address_id AS uuid)) IS TRUE DESC
+LIMIT 1
+"""
+)
+
+
 async def bind_store(
     session: AsyncSession, user_id: uuid.UUID, address_id: uuid.UUID | None, *, strict: bool
 ) -> Binding:
     """The store serving the user's chosen address (the default one when none was chosen, or
     the chosen one is gone). `strict`: the chosen address must exist and be the user's own."""
-    address = None
-    if address_id is not None:
-        address = await session.get(Address, address_id)
-        if address is None or address.user_id != user_id:
-            if strict:  # someone else's address is indistinguishable from a missing one
-                raise NotFound("No such address", code="address_not_found")
-            address = None
-    if address is None:
-        address = await session.scalar(select(Address).where(Address.user_id == user_id, Address.is_default))
-    if address is None:
+    row = (await session.execute(BIND_SQL, {"user_id": user_id, "address_id": address_id})).one_or_none()
+    if strict and (row is None or row.address_id != address_id):
+        # Someone else's address is indistinguishable from a missing one.
+        raise NotFound("No such address", code="address_not_found")
+    if row is None:
         raise AddressRequired("Add a delivery address first: the cart is priced for the store serving it")
-    store: Store = await serving_store(session, address.lat, address.lng)
-    return Binding(address_id=address.id, store=StoreRef(id=store.id, code=store.code, name=store.name))
+    if row.store_id is None:
+        raise NotServiceable("No dark store delivers to this location yet")
+    return Binding(
+        address_id=row.address_id,
+        store=StoreRef(id=row.store_id, code=row.store_code, name=row.store_name),
+    )
 
 
 async def product_facts(
