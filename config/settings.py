@@ -72,6 +72,18 @@ class Settings(BaseSettings):
     rate_limit_per_ip_per_minute: int = Field(default=1200, ge=1)
     rate_limit_per_user_per_minute: int = Field(default=600, ge=1)
 
+    # Carts: live carts in sharded actors, written through to Redis.
+    cart_shards: int = Field(default=4, ge=1, le=256)
+    cart_max_quantity_per_item: int = Field(default=20, ge=1, le=1000)
+    cart_max_distinct_items: int = Field(default=50, ge=1, le=500)
+    cart_ttl_days: int = Field(default=30, ge=1, le=365)
+    # Carts untouched this long leave the shard's memory (Redis still holds them).
+    cart_idle_evict_seconds: int = Field(default=600, ge=1)
+    delivery_fee_paise: int = Field(default=3000, ge=0)
+    free_delivery_threshold_paise: int = Field(default=49900, ge=0)
+    small_cart_threshold_paise: int = Field(default=9900, ge=0)
+    small_cart_fee_paise: int = Field(default=1500, ge=0)
+
     admin_phone: str = DEV_ADMIN_PHONE
 
     # Seed catalog: the Online Retail Parquet file (default: shared/data/online_retail beside
