@@ -396,7 +396,8 @@ def search_sql_params(
     return {
         "q": params.q,
         "prefix": prefix_tsquery(params.q),
-        "fuzzy": len(params.q) >= FUZZY_MIN_LENGTH,
+        # Quotes, exclusions and OR mean the user wants exactly that: no near misses.
+        "fuzzy": len(params.q) >= FUZZY_MIN_LENGTH and not _WEBSEARCH_SYNTAX.search(params.q),
         "sort": params.sort.value,
         "store_id": params.store_id,
         "categories": categories,
