@@ -256,10 +256,11 @@ def decode_cursor(secret: str, params: SearchParams, cursor: str) -> _CursorBody
 # Ordering is always `k1 DESC, k2 DESC, id DESC` so one row comparison serves as the keyset
 # condition for every sort: price ascending sorts by the negated price.
 #
-# Relevance score: tier + 0.5 * ts_rank_cd (normalized to [0, 1)) + 0.49 * word similarity,
-# where tier 2 = the name matches the full-text query, 1 = another field does, 0 = a fuzzy
-# trigram match only. Tiers never overlap, so text matches always rank above fuzzy ones and
-# name matches above brand/category/description-only ones.
+# Relevance score: tier 2 when the name matches the full-text query, 1 when another field
+# does, plus 0.5 * ts_rank_cd (shorter documents favoured, scaled into [0, 1)); a fuzzy-only
+# hit scores 0.49 * its trigram word similarity to name or brand (computed only for those
+# rows: it is the expensive part). Tiers never overlap, so text matches always rank above
+# fuzzy ones and name matches above brand/category/description-only ones.
 SEARCH_SQL = """
 WITH tsq AS (SELECT (CASE WHEN CAST(:prefix AS text) IS NULL
         THEN websearch_to_tsquery('english', :q)
@@ -270,13 +271,12 @@ matched AS MATERIALIZED (
             WHEN 'price_asc' THEN -p.price_paise::float8
             WHEN 'price_desc' THEN p.price_paise::float8
             WHEN 'rating' THEN coalesce(p.rating_sum::float8 / nullif(p.rating_count, 0), 0)
-            ELSE (CASE WHEN m.fts THEN
+            ELSE CASE WHEN m.fts THEN
                     (CASE WHEN ts_filter(p.search_vector, '{a}') @@ tsq.query THEN 2 ELSE 1 END)
-                    + 0.5 * ts_rank_cd(p.search_vector, tsq.query, 32)::float8
-                  ELSE 0 END)
-                + 0.49 * greatest(
+                    + 0.5 * ts_rank_cd(p.search_vector, tsq.query, 1 | 32)::float8
+                ELSE 0.49 * greatest(
                     word_similarity(:q, p.name), word_similarity(:q, coalesce(p.brand, ''))
-                )::float8
+                )::float8 END
         END AS k1,
         p.rating_count::float8 AS k2
     FROM products AS p
