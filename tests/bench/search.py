@@ -320,7 +320,8 @@ def main() -> None:
             return [guard, to_asyncpg(SEARCH_SQL, params), reset]
 
         def autocomplete_sql() -> list[tuple[str, Sequence[Any]]]:
-            return [to_asyncpg(AUTOCOMPLETE_SQL, autocomplete_sql_params(next(floor_prefixes), None))]
+            params = autocomplete_sql_params(next(floor_prefixes), None)
+            return [guard, to_asyncpg(AUTOCOMPLETE_SQL, params), reset]
 
         def cold_url() -> str:
             return f"{base}/search/autocomplete?q={next(cold_stream, 'zz')}"
