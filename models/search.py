@@ -64,13 +64,21 @@ class InvalidCursor(AppError):
 
 # ---------------------------------------------------------------- schemas
 
+# No control characters: PostgreSQL text cannot hold NUL, and none belongs in a search.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 SearchText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_LENGTH)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_LENGTH, pattern=PRINTABLE),
 ]
 Prefix = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=AUTOCOMPLETE_MAX_LENGTH)
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=AUTOCOMPLETE_MAX_LENGTH, pattern=PRINTABLE
+    ),
 ]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80, pattern=PRINTABLE)
+]
 Paise = Annotated[int, Field(ge=0, le=100_000_000)]
 
 

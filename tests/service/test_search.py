@@ -401,6 +401,9 @@ def test_autocomplete_word_prefix_and_store(client: httpx.Client, catalog: Catal
         ({"q": "milk", "min_price": -1}, "validation_error"),
         ({"q": "milk", "store_id": "not-a-uuid"}, "validation_error"),
         ({"q": "milk", "unknown": "1"}, "validation_error"),
+        ({"q": "mi\x00lk"}, "validation_error"),
+        ({"q": "milk", "brand": "a\x00b"}, "validation_error"),
+        ({"q": "milk", "category": "\x00"}, "validation_error"),
         ({"q": "milk", "in_stock": "true"}, "store_required"),
         ({"q": "milk", "min_price": 500, "max_price": 100}, "invalid_price_range"),
     ],
@@ -420,7 +423,7 @@ def test_unknown_store_or_category_is_404(client: httpx.Client, catalog: Catalog
     assert response.status_code == 404 and response.json()["code"] == "store_not_found"
 
 
-@pytest.mark.parametrize("q", ["", "  ", "x" * 51])
+@pytest.mark.parametrize("q", ["", "  ", "x" * 51, "ab\x00c", "\x1b[31m"])
 def test_autocomplete_rejects_bad_prefix(client: httpx.Client, q: str) -> None:
     response = client.get("/search/autocomplete", params={"q": q})
     assert response.status_code == 422, response.text
