@@ -350,7 +350,7 @@ SELECT
 # a second compiling. Everything is put back right after the statement.
 # No index is missing: 0002's GIN indexes serve both statements (see their EXPLAIN). A
 # lasting alternative to this guard would be a migration raising the declared COST of
-# pg_trgm's operator functions (word_similarity_commutator_op and the LIKE support), which
+# word_similarity_commutator_op (pg_trgm) and texticlike (ILIKE), which
 # needs ownership of the extension's functions.
 PLANNER_GUARD_SQL = """
 SELECT set_config('enable_seqscan', 'off', true), set_config('enable_indexscan', 'off', true),
