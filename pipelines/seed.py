@@ -9,7 +9,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config.logging import setup_logging
@@ -75,6 +75,12 @@ async def seed(settings: Settings, *, parquet: Path | None = None) -> catalog.Lo
             result = await catalog.load_catalog(
                 session, parquet=source, image_base_url=settings.catalog_image_base_url
             )
+        if result.products_changed or result.inventory_added:
+            # Fresh statistics after a bulk load, or the planner misjudges the search indexes
+            # (and GIN pending lists stay unmerged) until autovacuum gets round to it.
+            async with engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text("VACUUM ANALYZE stores, categories, products, inventory"))
     finally:
         await engine.dispose()
     log.info("seed data in place (admin %s)", settings.admin_phone[:-4] + "****")
