@@ -109,13 +109,13 @@ async def create_store(body: StoreIn, _: Admin, db: Db) -> products.Store:
     return await products.create_store(db, body)
 
 
-@api.patch("/stores/{store_id}", response_model=StoreOut, tags=["admin"])
+@api.patch("/stores/{store_id:uuid}", response_model=StoreOut, tags=["admin"])
 async def update_store(store_id: uuid.UUID, body: StorePatch, _: Admin, db: Db) -> products.Store:
     """Admin: edit a store (hours, radius, active flag...). The code is immutable."""
     return await products.update_store(db, store_id, body)
 
 
-@api.put("/stores/{store_id}/inventory/{product_id}", response_model=InventoryOut, tags=["admin"])
+@api.put("/stores/{store_id:uuid}/inventory/{product_id:uuid}", response_model=InventoryOut, tags=["admin"])
 async def set_inventory(
     store_id: uuid.UUID, product_id: uuid.UUID, body: InventoryIn, _: Admin, db: Db
 ) -> InventoryOut:
@@ -140,7 +140,7 @@ async def create_category(body: CategoryIn, _: Admin, db: Db) -> products.Catego
     return await products.create_category(db, body)
 
 
-@api.patch("/categories/{category_id}", response_model=CategoryOut, tags=["admin"])
+@api.patch("/categories/{category_id:uuid}", response_model=CategoryOut, tags=["admin"])
 async def update_category(category_id: uuid.UUID, body: CategoryPatch, _: Admin, db: Db) -> products.Category:
     """Admin: rename, move or reorder a category. Moving it under itself or a descendant →
     409 `category_cycle`. A rename refreshes its products' search documents."""
@@ -181,14 +181,14 @@ async def import_products(body: ProductImport, _: Admin, db: Db) -> ImportResult
     return await products.import_products(db, body)
 
 
-@api.get("/{product_id}", response_model=ProductDetail, tags=["products"])
+@api.get("/{product_id:uuid}", response_model=ProductDetail, tags=["products"])
 async def get_product(product_id: uuid.UUID, db: Db, store: StoreChoice) -> ProductDetail:
     """One active product: prices, savings, tax rate, images, rating aggregates and, with a
     store, its availability there. Inactive or unknown → 404."""
     return await products.product_view(db, product_id, store)
 
 
-@api.patch("/{product_id}", response_model=ProductDetail, tags=["admin"])
+@api.patch("/{product_id:uuid}", response_model=ProductDetail, tags=["admin"])
 async def update_product(product_id: uuid.UUID, body: ProductPatch, _: Admin, db: Db) -> ProductDetail:
     """Admin: edit a product. Read-only fields (id, sku, ratings...) → 422."""
     return products.product_detail(await products.update_product(db, product_id, body))
@@ -197,20 +197,20 @@ async def update_product(product_id: uuid.UUID, body: ProductPatch, _: Admin, db
 # ---------------------------------------------------------------- reviews
 
 
-@api.get("/{product_id}/reviews", response_model=ReviewPage, tags=["reviews"])
+@api.get("/{product_id:uuid}/reviews", response_model=ReviewPage, tags=["reviews"])
 async def list_reviews(product_id: uuid.UUID, db: Db, cursor: Cursor = None, limit: Limit = 20) -> ReviewPage:
     """Reviews of a product, newest first, cursor-paged."""
     return await products.list_reviews(db, product_id, cursor=cursor, limit=limit)
 
 
-@api.post("/{product_id}/reviews", response_model=ReviewResult, tags=["reviews"])
+@api.post("/{product_id:uuid}/reviews", response_model=ReviewResult, tags=["reviews"])
 async def post_review(product_id: uuid.UUID, body: ReviewIn, principal: CurrentUser, db: Db) -> ReviewResult:
     """Write your review (rating 1..5, optional title and body). One per user per product:
     posting again replaces it. Returns the review and the product's new aggregates."""
     return await products.upsert_review(db, product_id, principal.id, body)
 
 
-@api.delete("/{product_id}/reviews/me", response_model=Ratings, tags=["reviews"])
+@api.delete("/{product_id:uuid}/reviews/me", response_model=Ratings, tags=["reviews"])
 async def delete_review(product_id: uuid.UUID, principal: CurrentUser, db: Db) -> Ratings:
     """Delete your review; returns the product's new aggregates."""
     return await products.delete_review(db, product_id, principal.id)

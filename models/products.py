@@ -10,12 +10,22 @@ import base64
 import binascii
 import json
 import math
+import re
 import uuid
 from datetime import datetime, time
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
@@ -277,21 +287,66 @@ async def serving_store(session: AsyncSession, lat: float, lng: float) -> Store:
 MAX_IMPORT_ROWS = 1000
 MAX_PAGE = 100
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)]
+
+def storable(value: str) -> bool:
+    """Whether PostgreSQL can store the string: no NUL, and valid UTF-8 (JSON can smuggle in
+    lone surrogates)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _no_nul(value: str) -> str:
+    # Rejecting these here keeps them a 422 rather than a database error (500).
+    if not storable(value):
+        raise ValueError("must not contain NUL characters or lone surrogates")
+    return value
+
+
+_CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$")
+
+
+def _clock(value: Any) -> time:
+    # Opening hours are local wall-clock times in the store's `timezone`: "HH:MM[:SS]", no
+    # offset (it would be ambiguous, and the column has no zone).
+    if isinstance(value, time) and value.tzinfo is None:
+        return value
+    if isinstance(value, str) and _CLOCK.match(value):
+        return time.fromisoformat(value)
+    raise ValueError('expected a local time "HH:MM" or "HH:MM:SS" without an offset')
+
+
+NoNul = AfterValidator(_no_nul)
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120), NoNul]
+City = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), NoNul]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$", max_length=80)]
 Sku = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]
 StoreCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")]
-ProductName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Brand = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
-Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=5000)]
-Unit = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40)]
-ImageUrl = Annotated[str, StringConstraints(pattern=r"^https://[^\s]{1,500}$")]
-Paise = Annotated[int, Field(gt=0, le=10_000_000_00, description="Integer paise")]
-TaxBp = Annotated[int, Field(description=f"GST slab in basis points, one of {GST_SLABS_BP}")]
-Radius = Annotated[float, Field(gt=0, le=50)]
-Lat = Annotated[float, Field(ge=-90, le=90)]
-Lng = Annotated[float, Field(ge=-180, le=180)]
-Count = Annotated[int, Field(ge=0, le=1_000_000)]
+ProductName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NoNul]
+Brand = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80), NoNul]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=5000), NoNul]
+Unit = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40), NoNul]
+ImageUrl = Annotated[str, StringConstraints(pattern=r"^https://[!-~]{1,500}$")]
+TimeZone = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_+/-]{0,63}$")]
+# Wall-clock times are documented as plain "HH:MM[:SS]" strings: JSON Schema's `time` format
+# demands an offset, which these deliberately lack.
+_CLOCK_SCHEMA = WithJsonSchema({"type": "string", "pattern": _CLOCK.pattern, "examples": ["07:00"]})
+LocalTime = Annotated[time, BeforeValidator(_clock), _CLOCK_SCHEMA]
+ClockOut = Annotated[time, PlainSerializer(lambda t: t.strftime("%H:%M:%S"), return_type=str), _CLOCK_SCHEMA]
+ReviewTitle = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120), NoNul]
+ReviewBody = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), NoNul]
+Paise = Annotated[int, Field(strict=True, gt=0, le=10_000_000_00, description="Integer paise")]
+TaxBp = Annotated[int, Field(strict=True, description=f"GST slab in basis points, one of {GST_SLABS_BP}")]
+Radius = Annotated[float, Field(strict=True, gt=0, le=50)]
+Lat = Annotated[float, Field(strict=True, ge=-90, le=90)]
+Lng = Annotated[float, Field(strict=True, ge=-180, le=180)]
+Count = Annotated[int, Field(strict=True, ge=0, le=1_000_000)]
+Flag = Annotated[bool, Field(strict=True)]
+Position = Annotated[int, Field(strict=True, ge=0, le=100_000)]
 
 
 class Strict(BaseModel):
@@ -301,26 +356,26 @@ class Strict(BaseModel):
 class StoreIn(Strict):
     code: StoreCode
     name: Name
-    city: Name
+    city: City
     lat: Lat
     lng: Lng
     service_radius_km: Radius
-    opens_at: time = Field(description="Local opening time; equal to closes_at means 24 h")
-    closes_at: time = Field(description="Local closing time; earlier than opens_at spans midnight")
-    timezone: Annotated[str, StringConstraints(max_length=64)] = "Asia/Kolkata"
-    is_active: bool = True
+    opens_at: LocalTime = Field(description="Local opening time; equal to closes_at means 24 h")
+    closes_at: LocalTime = Field(description="Local closing time; earlier than opens_at spans midnight")
+    timezone: TimeZone = "Asia/Kolkata"
+    is_active: Flag = True
 
 
 class StorePatch(Strict):
     name: Name | None = None
-    city: Name | None = None
+    city: City | None = None
     lat: Lat | None = None
     lng: Lng | None = None
     service_radius_km: Radius | None = None
-    opens_at: time | None = None
-    closes_at: time | None = None
-    timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
-    is_active: bool | None = None
+    opens_at: LocalTime | None = None
+    closes_at: LocalTime | None = None
+    timezone: TimeZone | None = None
+    is_active: Flag | None = None
 
 
 class StoreOut(BaseModel):
@@ -333,8 +388,8 @@ class StoreOut(BaseModel):
     lat: float
     lng: float
     service_radius_km: float
-    opens_at: time
-    closes_at: time
+    opens_at: ClockOut
+    closes_at: ClockOut
     timezone: str
     is_active: bool
 
@@ -348,16 +403,16 @@ class CategoryIn(Strict):
     parent_id: uuid.UUID | None = None
     slug: Slug
     name: Name
-    position: Annotated[int, Field(ge=0, le=100_000)] = 0
-    is_active: bool = True
+    position: Position = 0
+    is_active: Flag = True
 
 
 class CategoryPatch(Strict):
     parent_id: uuid.UUID | None = Field(default=None, description="null moves it to the root")
     slug: Slug | None = None
     name: Name | None = None
-    position: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    is_active: bool | None = None
+    position: Position | None = None
+    is_active: Flag | None = None
 
 
 class CategoryOut(BaseModel):
@@ -386,7 +441,7 @@ class ProductIn(Strict):
     mrp_paise: Paise
     price_paise: Paise
     tax_rate_bp: TaxBp = 0
-    is_active: bool = True
+    is_active: Flag = True
 
 
 class ProductPatch(Strict):
@@ -399,7 +454,7 @@ class ProductPatch(Strict):
     mrp_paise: Paise | None = None
     price_paise: Paise | None = None
     tax_rate_bp: TaxBp | None = None
-    is_active: bool | None = None
+    is_active: Flag | None = None
 
 
 class ProductImportRow(Strict):
@@ -415,7 +470,7 @@ class ProductImportRow(Strict):
     mrp_paise: Paise
     price_paise: Paise
     tax_rate_bp: TaxBp = 0
-    is_active: bool = True
+    is_active: Flag = True
 
 
 class ProductImport(Strict):
@@ -489,13 +544,9 @@ class InventoryOut(BaseModel):
 
 
 class ReviewIn(Strict):
-    rating: Annotated[int, Field(ge=1, le=5)]
-    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120)] | None = (
-        None
-    )
-    body: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] | None = (
-        None
-    )
+    rating: Annotated[int, Field(strict=True, ge=1, le=5)]
+    title: ReviewTitle | None = None
+    body: ReviewBody | None = None
 
 
 class ReviewOut(BaseModel):
@@ -638,7 +689,11 @@ def decode_cursor(cursor: str, n: int) -> list[str]:
         key = json.loads(raw)
     except (ValueError, binascii.Error):
         raise InvalidCursor("The cursor is not valid") from None
-    if not isinstance(key, list) or len(key) != n or not all(isinstance(k, str) for k in key):
+    if (
+        not isinstance(key, list)
+        or len(key) != n
+        or not all(isinstance(k, str) and len(k) <= 300 and storable(k) for k in key)
+    ):
         raise InvalidCursor("The cursor is not valid")
     return key
 
@@ -681,7 +736,7 @@ async def get_store(session: AsyncSession, store_id: uuid.UUID, *, active_only: 
 def _check_timezone(tz: str) -> None:
     try:
         ZoneInfo(tz)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OSError):
         raise Unprocessable("Unknown timezone", code="invalid_timezone") from None
 
 
