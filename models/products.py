@@ -6,10 +6,26 @@ non-negative are CHECK constraints, so no code path can oversell even by mistake
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
+import re
 import uuid
 from datetime import datetime, time
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
@@ -21,17 +37,24 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     func,
+    literal_column,
+    or_,
     select,
     text,
+    update,
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, TimestampMixin, new_id
-from models.errors import AppError
+from models.errors import AppError, Conflict, NotFound, Unprocessable
+from models.users import Address
 
 # GST slabs in basis points (0 %, 5 %, 12 %, 18 %, 28 %).
 GST_SLABS_BP = (0, 500, 1200, 1800, 2800)
@@ -251,3 +274,891 @@ async def serving_store(session: AsyncSession, lat: float, lng: float) -> Store:
     if not stores:
         raise NotServiceable("No dark store delivers to this location yet")
     return stores[0][0]
+
+
+# ================================================================ schemas
+#
+# Inputs forbid unknown fields: sending a read-only field (id, rating aggregates, reserved,
+# created_at, search_vector ...) is a 422, never silently applied. Business rules that need
+# a clear code of their own (price above MRP, GST slab) are checked by the ops below, so the
+# same rule gives the same code on create, patch and bulk import.
+
+
+MAX_IMPORT_ROWS = 1000
+MAX_PAGE = 100
+
+
+def storable(value: str) -> bool:
+    """Whether PostgreSQL can store the string: no NUL, and valid UTF-8 (JSON can smuggle in
+    lone surrogates)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _no_nul(value: str) -> str:
+    # Rejecting these here keeps them a 422 rather than a database error (500).
+    if not storable(value):
+        raise ValueError("must not contain NUL characters or lone surrogates")
+    return value
+
+
+_CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$")
+
+
+def _clock(value: Any) -> time:
+    # Opening hours are local wall-clock times in the store's `timezone`: "HH:MM[:SS]", no
+    # offset (it would be ambiguous, and the column has no zone).
+    if isinstance(value, time) and value.tzinfo is None:
+        return value
+    if isinstance(value, str) and _CLOCK.match(value):
+        return time.fromisoformat(value)
+    raise ValueError('expected a local time "HH:MM" or "HH:MM:SS" without an offset')
+
+
+NoNul = AfterValidator(_no_nul)
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120), NoNul]
+City = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), NoNul]
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$", max_length=80)]
+Sku = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]
+StoreCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9_-]{0,31}$")]
+ProductName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NoNul]
+Brand = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80), NoNul]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=5000), NoNul]
+Unit = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40), NoNul]
+ImageUrl = Annotated[str, StringConstraints(pattern=r"^https://[!-~]{1,500}$")]
+TimeZone = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_+/-]{0,63}$")]
+# Wall-clock times are documented as plain "HH:MM[:SS]" strings: JSON Schema's `time` format
+# demands an offset, which these deliberately lack.
+_CLOCK_SCHEMA = WithJsonSchema({"type": "string", "pattern": _CLOCK.pattern, "examples": ["07:00"]})
+LocalTime = Annotated[time, BeforeValidator(_clock), _CLOCK_SCHEMA]
+ClockOut = Annotated[time, PlainSerializer(lambda t: t.strftime("%H:%M:%S"), return_type=str), _CLOCK_SCHEMA]
+ReviewTitle = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120), NoNul]
+ReviewBody = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000), NoNul]
+Paise = Annotated[int, Field(strict=True, gt=0, le=10_000_000_00, description="Integer paise")]
+TaxBp = Annotated[int, Field(strict=True, description=f"GST slab in basis points, one of {GST_SLABS_BP}")]
+Radius = Annotated[float, Field(strict=True, gt=0, le=50)]
+Lat = Annotated[float, Field(strict=True, ge=-90, le=90)]
+Lng = Annotated[float, Field(strict=True, ge=-180, le=180)]
+Count = Annotated[int, Field(strict=True, ge=0, le=1_000_000)]
+Flag = Annotated[bool, Field(strict=True)]
+Position = Annotated[int, Field(strict=True, ge=0, le=100_000)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreIn(Strict):
+    code: StoreCode
+    name: Name
+    city: City
+    lat: Lat
+    lng: Lng
+    service_radius_km: Radius
+    opens_at: LocalTime = Field(description="Local opening time; equal to closes_at means 24 h")
+    closes_at: LocalTime = Field(description="Local closing time; earlier than opens_at spans midnight")
+    timezone: TimeZone = "Asia/Kolkata"
+    is_active: Flag = True
+
+
+class StorePatch(Strict):
+    name: Name | None = None
+    city: City | None = None
+    lat: Lat | None = None
+    lng: Lng | None = None
+    service_radius_km: Radius | None = None
+    opens_at: LocalTime | None = None
+    closes_at: LocalTime | None = None
+    timezone: TimeZone | None = None
+    is_active: Flag | None = None
+
+
+class StoreOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    code: str
+    name: str
+    city: str
+    lat: float
+    lng: float
+    service_radius_km: float
+    opens_at: ClockOut
+    closes_at: ClockOut
+    timezone: str
+    is_active: bool
+
+
+class NearbyStoreOut(StoreOut):
+    distance_km: float
+    is_open: bool
+
+
+class CategoryIn(Strict):
+    parent_id: uuid.UUID | None = None
+    slug: Slug
+    name: Name
+    position: Position = 0
+    is_active: Flag = True
+
+
+class CategoryPatch(Strict):
+    parent_id: uuid.UUID | None = Field(default=None, description="null moves it to the root")
+    slug: Slug | None = None
+    name: Name | None = None
+    position: Position | None = None
+    is_active: Flag | None = None
+
+
+class CategoryOut(BaseModel):
+    """One node of the category tree, flat: clients nest by `parent_id`, siblings by
+    `position`. `depth` is 0 for roots."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    parent_id: uuid.UUID | None
+    slug: str
+    name: str
+    position: int
+    is_active: bool
+    depth: int = 0
+
+
+class ProductIn(Strict):
+    sku: Sku
+    name: ProductName
+    brand: Brand | None = None
+    description: Description | None = None
+    unit: Unit = "1 pc"
+    images: Annotated[list[ImageUrl], Field(max_length=10)] = []
+    category_id: uuid.UUID
+    mrp_paise: Paise
+    price_paise: Paise
+    tax_rate_bp: TaxBp = 0
+    is_active: Flag = True
+
+
+class ProductPatch(Strict):
+    name: ProductName | None = None
+    brand: Brand | None = None
+    description: Description | None = None
+    unit: Unit | None = None
+    images: Annotated[list[ImageUrl], Field(max_length=10)] | None = None
+    category_id: uuid.UUID | None = None
+    mrp_paise: Paise | None = None
+    price_paise: Paise | None = None
+    tax_rate_bp: TaxBp | None = None
+    is_active: Flag | None = None
+
+
+class ProductImportRow(Strict):
+    """One row of a bulk import: upserted by `sku`; the category is named by its slug."""
+
+    sku: Sku
+    name: ProductName
+    brand: Brand | None = None
+    description: Description | None = None
+    unit: Unit = "1 pc"
+    images: Annotated[list[ImageUrl], Field(max_length=10)] = []
+    category_slug: Slug
+    mrp_paise: Paise
+    price_paise: Paise
+    tax_rate_bp: TaxBp = 0
+    is_active: Flag = True
+
+
+class ProductImport(Strict):
+    products: Annotated[list[ProductImportRow], Field(min_length=1, max_length=MAX_IMPORT_ROWS)]
+
+
+class ImportResult(BaseModel):
+    created: int
+    updated: int
+    product_ids: list[uuid.UUID]
+
+
+class Availability(BaseModel):
+    """Stock of the product in one store, as a customer sees it."""
+
+    store_id: uuid.UUID
+    available: int = Field(description="on_hand - reserved; 0 when the store does not stock it")
+    in_stock: bool
+    low_stock: bool = Field(description="in stock but at or below the store's low-stock threshold")
+
+
+class Ratings(BaseModel):
+    average: float | None = Field(description="Mean rating rounded to 2 places; null without reviews")
+    count: int
+    histogram: dict[str, int] = Field(description='Reviews per star, keys "1".."5"')
+
+
+class ProductOut(BaseModel):
+    id: uuid.UUID
+    sku: str
+    name: str
+    brand: str | None
+    unit: str
+    images: list[str]
+    category_id: uuid.UUID
+    mrp_paise: int
+    price_paise: int
+    savings_paise: int
+    currency: str
+    tax_rate_bp: int
+    rating_average: float | None
+    rating_count: int
+    availability: Availability | None = None
+
+
+class ProductDetail(ProductOut):
+    description: str | None
+    is_active: bool
+    ratings: Ratings
+
+
+class ProductPage(BaseModel):
+    items: list[ProductOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end")
+
+
+class InventoryIn(Strict):
+    on_hand: Count
+    low_stock_threshold: Count = 5
+
+
+class InventoryOut(BaseModel):
+    store_id: uuid.UUID
+    product_id: uuid.UUID
+    on_hand: int
+    reserved: int
+    available: int
+    low_stock_threshold: int
+    in_stock: bool
+    low_stock: bool
+
+
+class ReviewIn(Strict):
+    rating: Annotated[int, Field(strict=True, ge=1, le=5)]
+    title: ReviewTitle | None = None
+    body: ReviewBody | None = None
+
+
+class ReviewOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    product_id: uuid.UUID
+    rating: int
+    title: str | None
+    body: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ReviewResult(BaseModel):
+    review: ReviewOut
+    ratings: Ratings
+
+
+class ReviewPage(BaseModel):
+    items: list[ReviewOut]
+    next_cursor: str | None
+
+
+# ================================================================ errors
+
+
+class InvalidCursor(AppError):
+    status_code = 400
+    code = "invalid_cursor"
+
+
+class StoreNotFound(NotFound):
+    code = "store_not_found"
+
+
+class CategoryNotFound(NotFound):
+    code = "category_not_found"
+
+
+class ProductNotFound(NotFound):
+    code = "product_not_found"
+
+
+# ================================================================ pure rules
+
+
+def is_open(store: Store, now: datetime) -> bool:
+    """Whether the store is open at `now` in its own timezone. opens == closes is 24 h; a
+    closing time before the opening time spans midnight."""
+    local = now.astimezone(ZoneInfo(store.timezone)).time()
+    if store.opens_at == store.closes_at:
+        return True
+    if store.opens_at < store.closes_at:
+        return store.opens_at <= local < store.closes_at
+    return local >= store.opens_at or local < store.closes_at
+
+
+def price_errors(mrp_paise: int, price_paise: int, tax_rate_bp: int) -> list[tuple[str, str]]:
+    """(code, detail) for each price rule broken; empty when the prices are valid."""
+    errors = []
+    if price_paise > mrp_paise:
+        errors.append(("price_above_mrp", "The selling price cannot exceed the MRP"))
+    if tax_rate_bp not in GST_SLABS_BP:
+        errors.append(("invalid_gst_slab", f"tax_rate_bp must be one of {list(GST_SLABS_BP)}"))
+    return errors
+
+
+def _check_prices(mrp_paise: int, price_paise: int, tax_rate_bp: int) -> None:
+    if errors := price_errors(mrp_paise, price_paise, tax_rate_bp):
+        code, detail = errors[0]
+        raise Unprocessable(detail, code=code)
+
+
+def ratings_of(p: Product) -> Ratings:
+    hist = {"1": p.r1, "2": p.r2, "3": p.r3, "4": p.r4, "5": p.r5}
+    average = round(p.rating_sum / p.rating_count, 2) if p.rating_count else None
+    return Ratings(average=average, count=p.rating_count, histogram=hist)
+
+
+def availability_of(store_id: uuid.UUID, inv: Inventory | None) -> Availability:
+    available = (inv.on_hand - inv.reserved) if inv is not None else 0
+    in_stock = available > 0
+    low = in_stock and inv is not None and available <= inv.low_stock_threshold
+    return Availability(store_id=store_id, available=available, in_stock=in_stock, low_stock=low)
+
+
+def inventory_out(inv: Inventory) -> InventoryOut:
+    available = inv.on_hand - inv.reserved
+    return InventoryOut(
+        store_id=inv.store_id,
+        product_id=inv.product_id,
+        on_hand=inv.on_hand,
+        reserved=inv.reserved,
+        available=available,
+        low_stock_threshold=inv.low_stock_threshold,
+        in_stock=available > 0,
+        low_stock=0 < available <= inv.low_stock_threshold,
+    )
+
+
+def product_out(p: Product, availability: Availability | None = None) -> ProductOut:
+    r = ratings_of(p)
+    return ProductOut(
+        id=p.id,
+        sku=p.sku,
+        name=p.name,
+        brand=p.brand,
+        unit=p.unit,
+        images=list(p.images or []),
+        category_id=p.category_id,
+        mrp_paise=p.mrp_paise,
+        price_paise=p.price_paise,
+        savings_paise=p.mrp_paise - p.price_paise,
+        currency=p.currency,
+        tax_rate_bp=p.tax_rate_bp,
+        rating_average=r.average,
+        rating_count=r.count,
+        availability=availability,
+    )
+
+
+def product_detail(p: Product, availability: Availability | None = None) -> ProductDetail:
+    base = product_out(p, availability).model_dump()
+    return ProductDetail(**base, description=p.description, is_active=p.is_active, ratings=ratings_of(p))
+
+
+# Cursors are base64url JSON of the last row's sort key. They are opaque to clients; anything
+# that does not decode to the exact expected shape is a 400 invalid_cursor.
+
+
+def encode_cursor(*key: Any) -> str:
+    raw = json.dumps([str(k) for k in key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, n: int) -> list[str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = json.loads(raw)
+    except (ValueError, binascii.Error):
+        raise InvalidCursor("The cursor is not valid") from None
+    if (
+        not isinstance(key, list)
+        or len(key) != n
+        or not all(isinstance(k, str) and len(k) <= 300 and storable(k) for k in key)
+    ):
+        raise InvalidCursor("The cursor is not valid")
+    return key
+
+
+def _cursor_uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidCursor("The cursor is not valid") from None
+
+
+# ================================================================ stores
+
+
+async def list_stores(session: AsyncSession) -> list[Store]:
+    rows = await session.scalars(select(Store).where(Store.is_active).order_by(Store.city, Store.code))
+    return list(rows)
+
+
+async def nearby_stores(session: AsyncSession, lat: float, lng: float, now: datetime) -> list[NearbyStoreOut]:
+    """Stores serving the point, nearest first; none is 422 not_serviceable."""
+    found = await serving_stores(session, lat, lng)
+    if not found:
+        raise NotServiceable("No dark store delivers to this location yet")
+    return [
+        NearbyStoreOut(
+            **StoreOut.model_validate(s).model_dump(), distance_km=round(km, 3), is_open=is_open(s, now)
+        )
+        for s, km in found
+    ]
+
+
+async def get_store(session: AsyncSession, store_id: uuid.UUID, *, active_only: bool = True) -> Store:
+    store = await session.get(Store, store_id)
+    if store is None or (active_only and not store.is_active):
+        raise StoreNotFound("No such store")
+    return store
+
+
+def _check_timezone(tz: str) -> None:
+    try:
+        ZoneInfo(tz)
+    except (ValueError, KeyError, OSError):
+        raise Unprocessable("Unknown timezone", code="invalid_timezone") from None
+
+
+async def create_store(session: AsyncSession, data: StoreIn) -> Store:
+    _check_timezone(data.timezone)
+    store = Store(**data.model_dump())
+    try:
+        async with session.begin_nested():
+            session.add(store)
+            await session.flush()
+    except IntegrityError:
+        raise Conflict("A store with this code exists", code="store_code_taken") from None
+    await session.refresh(store)
+    return store
+
+
+async def update_store(session: AsyncSession, store_id: uuid.UUID, patch: StorePatch) -> Store:
+    store = await session.get(Store, store_id, with_for_update=True)
+    if store is None:
+        raise StoreNotFound("No such store")
+    changes = patch.model_dump(exclude_unset=True)
+    for field, value in changes.items():
+        if value is None:
+            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    if "timezone" in changes:
+        _check_timezone(changes["timezone"])
+    for field, value in changes.items():
+        setattr(store, field, value)
+    await session.flush()
+    await session.refresh(store)
+    return store
+
+
+async def store_for_address(session: AsyncSession, user_id: uuid.UUID, address_id: uuid.UUID) -> Store:
+    """The store serving one of the caller's own addresses. Someone else's address is a 404,
+    exactly like a missing one."""
+    address = await session.get(Address, address_id)
+    if address is None or address.user_id != user_id:
+        raise NotFound("No such address", code="address_not_found")
+    return await serving_store(session, address.lat, address.lng)
+
+
+# ================================================================ categories
+
+_TREE_SQL = """
+WITH RECURSIVE tree AS (
+    SELECT id, 0 AS depth, ARRAY[position::bigint] AS path_pos, ARRAY[id] AS path_id
+    FROM categories WHERE parent_id IS NULL
+    UNION ALL
+    SELECT c.id, t.depth + 1, t.path_pos || c.position::bigint, t.path_id || c.id
+    FROM categories c JOIN tree t ON c.parent_id = t.id
+)
+SELECT id, depth FROM tree ORDER BY path_pos, path_id
+"""
+
+
+async def category_tree(session: AsyncSession, *, active_only: bool = True) -> list[CategoryOut]:
+    """The whole tree, flat and in depth-first order (siblings by position). An inactive
+    category hides its whole subtree from customers."""
+    order = (await session.execute(sql_text(_TREE_SQL))).all()
+    cats = {c.id: c for c in await session.scalars(select(Category))}
+    out: list[CategoryOut] = []
+    hidden: set[uuid.UUID] = set()
+    for cid, depth in order:
+        c = cats[cid]
+        if active_only and (not c.is_active or (c.parent_id is not None and c.parent_id in hidden)):
+            hidden.add(cid)
+            continue
+        out.append(CategoryOut.model_validate(c).model_copy(update={"depth": depth}))
+    return out
+
+
+def _subtree_ids(root: uuid.UUID) -> Any:
+    """A SELECT of the category and all its descendants (recursive CTE)."""
+    base = select(Category.id).where(Category.id == root).cte("subtree", recursive=True)
+    return base.union_all(select(Category.id).join(base, Category.parent_id == base.c.id))
+
+
+async def _lock_tree(session: AsyncSession) -> None:
+    # Tree writes are rare: one transaction-scoped advisory lock makes the cycle check and the
+    # move atomic, so two concurrent moves cannot build a loop between them.
+    await session.execute(sql_text("SELECT pg_advisory_xact_lock(hashtext('vurksha:category-tree'))"))
+
+
+async def get_category_by_slug(session: AsyncSession, slug: str) -> Category:
+    cat = await session.scalar(select(Category).where(Category.slug == slug))
+    if cat is None:
+        raise CategoryNotFound("No such category")
+    return cat
+
+
+async def create_category(session: AsyncSession, data: CategoryIn) -> Category:
+    await _lock_tree(session)
+    if data.parent_id is not None and await session.get(Category, data.parent_id) is None:
+        raise CategoryNotFound("The parent category does not exist")
+    cat = Category(**data.model_dump())
+    try:
+        async with session.begin_nested():
+            session.add(cat)
+            await session.flush()
+    except IntegrityError:
+        raise Conflict("A category with this slug exists", code="slug_taken") from None
+    await session.refresh(cat)
+    return cat
+
+
+async def update_category(session: AsyncSession, category_id: uuid.UUID, patch: CategoryPatch) -> Category:
+    await _lock_tree(session)
+    cat = await session.get(Category, category_id)
+    if cat is None:
+        raise CategoryNotFound("No such category")
+    changes = patch.model_dump(exclude_unset=True)
+    for field in ("slug", "name", "position", "is_active"):
+        if field in changes and changes[field] is None:
+            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    if (parent_id := changes.get("parent_id")) is not None:
+        if await session.get(Category, parent_id) is None:
+            raise CategoryNotFound("The parent category does not exist")
+        subtree = _subtree_ids(category_id)
+        inside = await session.scalar(
+            select(func.count()).select_from(subtree).where(subtree.c.id == parent_id)
+        )
+        if inside:
+            raise Conflict("A category cannot move under itself or its descendants", code="category_cycle")
+    renamed = "name" in changes and changes["name"] != cat.name
+    for field, value in changes.items():
+        setattr(cat, field, value)
+    try:
+        async with session.begin_nested():
+            await session.flush()
+    except IntegrityError:
+        raise Conflict("A category with this slug exists", code="slug_taken") from None
+    if renamed:  # the category name is part of its products' search documents
+        ids = list(await session.scalars(select(Product.id).where(Product.category_id == category_id)))
+        if ids:
+            await refresh_search_vectors(session, ids)
+    await session.refresh(cat)
+    return cat
+
+
+# ================================================================ products
+
+
+async def _inventory(session: AsyncSession, store_id: uuid.UUID, product_id: uuid.UUID) -> Inventory | None:
+    return await session.get(Inventory, (store_id, product_id), populate_existing=True)
+
+
+async def list_products(
+    session: AsyncSession,
+    *,
+    category_id: uuid.UUID | None = None,
+    store_id: uuid.UUID | None = None,
+    cursor: str | None = None,
+    limit: int = 20,
+) -> ProductPage:
+    """Active products in (name, id) order, keyset-paged; with a category, that category and
+    every descendant; with a store, that store's availability on each item."""
+    limit = max(1, min(limit, MAX_PAGE))
+    if store_id is not None:
+        await get_store(session, store_id)
+    query = select(Product).where(Product.is_active)
+    if category_id is not None:
+        if await session.get(Category, category_id) is None:
+            raise CategoryNotFound("No such category")
+        subtree = _subtree_ids(category_id)
+        query = query.where(Product.category_id.in_(select(subtree.c.id)))
+    # Byte order, not the locale's: keyset comparison and ORDER BY must agree exactly.
+    query = query.order_by(Product.name.collate("C"), Product.id).limit(limit + 1)
+    if cursor is not None:
+        name, last = decode_cursor(cursor, 2)
+        last_id = _cursor_uuid(last)
+        query = query.where(
+            or_(Product.name.collate("C") > name, and_(Product.name == name, Product.id > last_id))
+        )
+    products = list(await session.scalars(query))
+    more = len(products) > limit
+    products = products[:limit]
+    stock: dict[uuid.UUID, Inventory] = {}
+    if store_id is not None and products:
+        rows = await session.scalars(
+            select(Inventory).where(
+                Inventory.store_id == store_id, Inventory.product_id.in_([p.id for p in products])
+            )
+        )
+        stock = {i.product_id: i for i in rows}
+    items = [
+        product_out(p, availability_of(store_id, stock.get(p.id)) if store_id is not None else None)
+        for p in products
+    ]
+    next_cursor = encode_cursor(products[-1].name, products[-1].id) if more else None
+    return ProductPage(items=items, next_cursor=next_cursor)
+
+
+async def get_product(session: AsyncSession, product_id: uuid.UUID, *, active_only: bool = True) -> Product:
+    p = await session.get(Product, product_id, populate_existing=True)
+    if p is None or (active_only and not p.is_active):
+        raise ProductNotFound("No such product")
+    return p
+
+
+async def product_view(
+    session: AsyncSession, product_id: uuid.UUID, store_id: uuid.UUID | None = None
+) -> ProductDetail:
+    p = await get_product(session, product_id)
+    availability = None
+    if store_id is not None:
+        await get_store(session, store_id)
+        availability = availability_of(store_id, await _inventory(session, store_id, product_id))
+    return product_detail(p, availability)
+
+
+async def create_product(session: AsyncSession, data: ProductIn) -> Product:
+    _check_prices(data.mrp_paise, data.price_paise, data.tax_rate_bp)
+    if await session.get(Category, data.category_id) is None:
+        raise CategoryNotFound("No such category")
+    product = Product(**data.model_dump())
+    try:
+        async with session.begin_nested():
+            session.add(product)
+            await session.flush()
+    except IntegrityError:
+        raise Conflict("A product with this SKU exists", code="sku_taken") from None
+    await refresh_search_vectors(session, [product.id])
+    await session.refresh(product)
+    return product
+
+
+async def update_product(session: AsyncSession, product_id: uuid.UUID, patch: ProductPatch) -> Product:
+    product = await session.get(Product, product_id, with_for_update=True)
+    if product is None:
+        raise ProductNotFound("No such product")
+    changes = patch.model_dump(exclude_unset=True)
+    for field in (
+        "name",
+        "unit",
+        "images",
+        "category_id",
+        "mrp_paise",
+        "price_paise",
+        "tax_rate_bp",
+        "is_active",
+    ):
+        if field in changes and changes[field] is None:
+            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    _check_prices(
+        changes.get("mrp_paise", product.mrp_paise),
+        changes.get("price_paise", product.price_paise),
+        changes.get("tax_rate_bp", product.tax_rate_bp),
+    )
+    if "category_id" in changes and await session.get(Category, changes["category_id"]) is None:
+        raise CategoryNotFound("No such category")
+    for field, value in changes.items():
+        setattr(product, field, value)
+    await session.flush()
+    await refresh_search_vectors(session, [product.id])
+    await session.refresh(product)
+    return product
+
+
+async def import_products(session: AsyncSession, data: ProductImport) -> ImportResult:
+    """Upsert up to MAX_IMPORT_ROWS products by SKU in the caller's transaction: every row is
+    checked first and any error rejects the whole batch (422 `import_invalid` listing each
+    bad row's index), so nothing is half-applied."""
+    slugs = {r.category_slug for r in data.products}
+    cats = dict(
+        (await session.execute(select(Category.slug, Category.id).where(Category.slug.in_(slugs)))).all()
+    )
+    errors: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(data.products):
+        for code, detail in price_errors(row.mrp_paise, row.price_paise, row.tax_rate_bp):
+            errors.append({"row": i, "code": code, "detail": detail})
+        if row.category_slug not in cats:
+            errors.append({"row": i, "code": "category_not_found", "detail": "No such category slug"})
+        if row.sku in seen:
+            errors.append({"row": i, "code": "duplicate_sku", "detail": f"SKU repeats row {seen[row.sku]}"})
+        seen.setdefault(row.sku, i)
+    if errors:
+        raise Unprocessable(
+            f"{len({e['row'] for e in errors})} row(s) are invalid; nothing was imported",
+            code="import_invalid",
+            extra={"errors": errors},
+        )
+    values = [
+        {**row.model_dump(exclude={"category_slug"}), "category_id": cats[row.category_slug]}
+        for row in data.products
+    ]
+    stmt = pg_insert(Product).values(values)
+    writable = [k for k in values[0] if k != "sku"]
+    upsert: Any = stmt.on_conflict_do_update(
+        index_elements=[Product.sku],
+        set_={**{k: stmt.excluded[k] for k in writable}, "updated_at": func.now()},
+    ).returning(Product.id, literal_column("(xmax = 0)").label("inserted"))
+    rows = (await session.execute(upsert)).all()
+    ids = [r.id for r in rows]
+    await refresh_search_vectors(session, ids)
+    created = sum(1 for r in rows if r.inserted)
+    return ImportResult(created=created, updated=len(rows) - created, product_ids=ids)
+
+
+# ================================================================ inventory
+
+
+async def set_inventory(
+    session: AsyncSession, store_id: uuid.UUID, product_id: uuid.UUID, data: InventoryIn
+) -> InventoryOut:
+    """Set on-hand stock and the low-stock threshold. One conditional upsert: the update
+    happens only if the new on_hand still covers what is reserved, so a concurrent
+    reservation can never be stranded (the table's CHECK is the last line of defence)."""
+    await get_store(session, store_id, active_only=False)
+    await get_product(session, product_id, active_only=False)
+    stmt = pg_insert(Inventory).values(
+        store_id=store_id,
+        product_id=product_id,
+        on_hand=data.on_hand,
+        low_stock_threshold=data.low_stock_threshold,
+    )
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[Inventory.store_id, Inventory.product_id],
+        set_={
+            "on_hand": stmt.excluded.on_hand,
+            "low_stock_threshold": stmt.excluded.low_stock_threshold,
+            "updated_at": func.now(),
+        },
+        where=Inventory.reserved <= stmt.excluded.on_hand,
+    ).returning(Inventory.store_id)
+    if (await session.execute(upsert)).first() is None:
+        inv = await _inventory(session, store_id, product_id)
+        reserved = inv.reserved if inv is not None else 0
+        raise Conflict(
+            f"on_hand cannot go below the {reserved} unit(s) already reserved",
+            code="below_reserved",
+            extra={"reserved": reserved},
+        )
+    inv = await _inventory(session, store_id, product_id)
+    assert inv is not None
+    return inventory_out(inv)
+
+
+# ================================================================ reviews
+
+_BUCKETS = {1: "r1", 2: "r2", 3: "r3", 4: "r4", 5: "r5"}
+
+
+async def upsert_review(
+    session: AsyncSession, product_id: uuid.UUID, user_id: uuid.UUID, data: ReviewIn
+) -> ReviewResult:
+    """Write the caller's one review of a product (posting again replaces it) and move the
+    product's aggregates by exactly the difference, in one transaction. The product row is
+    locked first, so concurrent reviews of one product apply one after another and the
+    aggregates always equal what the reviews table says."""
+    product = await session.scalar(
+        select(Product).where(Product.id == product_id, Product.is_active).with_for_update()
+    )
+    if product is None:
+        raise ProductNotFound("No such product")
+    review = await session.scalar(
+        select(Review).where(Review.product_id == product_id, Review.user_id == user_id)
+    )
+    delta: dict[str, int] = {"rating_sum": data.rating, "rating_count": 1, _BUCKETS[data.rating]: 1}
+    if review is None:
+        review = Review(product_id=product_id, user_id=user_id, **data.model_dump())
+        session.add(review)
+    else:
+        old = review.rating
+        delta["rating_sum"] -= old
+        delta["rating_count"] -= 1
+        delta[_BUCKETS[old]] = delta.get(_BUCKETS[old], 0) - 1
+        review.rating, review.title, review.body = data.rating, data.title, data.body
+    await session.flush()
+    await _apply_delta(session, product_id, delta)
+    await session.refresh(review)
+    product = await get_product(session, product_id)
+    return ReviewResult(review=ReviewOut.model_validate(review), ratings=ratings_of(product))
+
+
+async def delete_review(session: AsyncSession, product_id: uuid.UUID, user_id: uuid.UUID) -> Ratings:
+    """Remove the caller's review and its share of the aggregates."""
+    product = await session.scalar(select(Product).where(Product.id == product_id).with_for_update())
+    if product is None:
+        raise ProductNotFound("No such product")
+    review = await session.scalar(
+        select(Review).where(Review.product_id == product_id, Review.user_id == user_id)
+    )
+    if review is None:
+        raise NotFound("You have not reviewed this product", code="review_not_found")
+    await session.delete(review)
+    await session.flush()
+    await _apply_delta(
+        session, product_id, {"rating_sum": -review.rating, "rating_count": -1, _BUCKETS[review.rating]: -1}
+    )
+    return ratings_of(await get_product(session, product_id, active_only=False))
+
+
+async def _apply_delta(session: AsyncSession, product_id: uuid.UUID, delta: dict[str, int]) -> None:
+    cols = Product.__table__.c
+    values = {name: cols[name] + d for name, d in delta.items() if d}
+    if values:
+        await session.execute(update(Product).where(Product.id == product_id).values(**values))
+
+
+async def list_reviews(
+    session: AsyncSession, product_id: uuid.UUID, *, cursor: str | None = None, limit: int = 20
+) -> ReviewPage:
+    """Newest first, keyset-paged on (created_at, id)."""
+    limit = max(1, min(limit, MAX_PAGE))
+    await get_product(session, product_id)
+    query = select(Review).where(Review.product_id == product_id)
+    if cursor is not None:
+        created, last = decode_cursor(cursor, 2)
+        try:
+            created_at = datetime.fromisoformat(created)
+        except ValueError:
+            raise InvalidCursor("The cursor is not valid") from None
+        last_id = _cursor_uuid(last)
+        query = query.where(
+            or_(Review.created_at < created_at, and_(Review.created_at == created_at, Review.id < last_id))
+        )
+    rows = list(
+        await session.scalars(query.order_by(Review.created_at.desc(), Review.id.desc()).limit(limit + 1))
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1].created_at.isoformat(), rows[-1].id) if more else None
+    return ReviewPage(items=[ReviewOut.model_validate(r) for r in rows], next_cursor=next_cursor)
