@@ -14,57 +14,18 @@ The load generator shares the 2-core machine with the backend: compare within th
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
-import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-async def load(
-    request: Callable[[aiohttp.ClientSession], Awaitable[int]], seconds: float, concurrency: int
-) -> dict[str, float]:
-    """Run `request` from `concurrency` workers for `seconds`; it returns an HTTP status."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal errors
-            while (start := time.perf_counter()) < deadline:
-                if await request(session) != 200:
-                    errors += 1
-                latencies.append(time.perf_counter() - start)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
-    return summary(latencies, errors, elapsed)
-
-
-def summary(latencies: list[float], errors: int, elapsed: float) -> dict[str, float]:
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "requests": n,
-        "errors": errors,
-        "rps": n / elapsed,
-        "p50_ms": latencies[n // 2] * 1000,
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000,
-    }
+from tests.bench.common import bench_arguments, bench_environment, load, report, summary
 
 
 async def redis_floor(
@@ -172,26 +133,10 @@ async def make_fixture(settings: Any, n_users: int, n_products: int) -> tuple[li
     return access, [str(p) for p in products]
 
 
-def report(name: str, r: dict[str, float]) -> None:
-    print(
-        f"{name:<34} {r['rps']:>8.0f} req/s   p50 {r['p50_ms']:>6.1f} ms   p99 {r['p99_ms']:>6.1f} ms"
-        f"   ({int(r['requests'])} requests, {int(r['errors'])} non-200)"
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--users", type=int, default=256)
-    parser.add_argument("--products", type=int, default=40)
-    args = parser.parse_args()
+    args = bench_arguments(__doc__, seconds=15, concurrency=32, users=256, products=40)
 
-    os.environ.setdefault("VURKSHA_ENV", "test")
-    os.environ.setdefault("VURKSHA_DATA_DIR", str(ROOT / ".vurksha" / "bench"))
-    # Measure the route, not the limiter's verdicts: limits high enough never to trigger.
-    os.environ["VURKSHA_RATE_LIMIT_PER_IP_PER_MINUTE"] = str(10**9)
-    os.environ["VURKSHA_RATE_LIMIT_PER_USER_PER_MINUTE"] = str(10**9)
+    bench_environment()
 
     from deployments.launcher import backend
 
@@ -236,7 +181,7 @@ def main() -> None:
         f" cart JSON {sizes[0]}-{sizes[-1]} bytes (median {sizes[len(sizes) // 2]}) in {len(sizes)} carts"
     )
     for name, r in results.items():
-        report(name, r)
+        report(name, r, name_width=34, rps_width=8)
     post, get, floor_add, floor_get = results.values()
     print(f"ratio Serve/Redis, add:  {post['rps'] / floor_add['rps']:.3f}")
     print(f"ratio Serve/Redis, read: {get['rps'] / floor_get['rps']:.3f}")

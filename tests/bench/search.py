@@ -15,7 +15,6 @@ served from the cache after their first request).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
@@ -24,12 +23,9 @@ import string
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.common import asyncpg_dsn, bench_arguments, bench_environment, get, load, report, summary
 
 QUERIES = ["banana", "banan", "bananna", "green tea", "organic rice", "chocolate", "milk", "soap", "mango"]
 PREFIXES = [
@@ -90,7 +86,7 @@ async def ensure_catalog(database_url: str, minimum: int) -> int:
 
     from models.products import SEARCH_DOCUMENT_SQL
 
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         have = await conn.fetchval("SELECT count(*) FROM products")
         if have >= minimum:
@@ -185,40 +181,6 @@ async def ensure_catalog(database_url: str, minimum: int) -> int:
 # ---------------------------------------------------------------- measuring
 
 
-def summary(latencies: list[float], elapsed: float, errors: int) -> dict[str, float]:
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "requests": n,
-        "errors": errors,
-        "rps": n / elapsed,
-        "p50_ms": latencies[n // 2] * 1000,
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000,
-    }
-
-
-async def load_http(urls: Callable[[], str], seconds: float, concurrency: int) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal errors
-            while (start := time.perf_counter()) < deadline:
-                async with session.get(urls()) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - start)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
-    return summary(latencies, elapsed, errors)
-
-
 async def load_sql(
     database_url: str, transactions: Callable[[], list[tuple[str, Sequence[Any]]]], seconds: float
 ) -> dict[str, float]:
@@ -226,7 +188,7 @@ async def load_sql(
     asyncpg connection (prepared and cached, as SQLAlchemy does), one request at a time."""
     import asyncpg
 
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     latencies: list[float] = []
     try:
         deadline = time.perf_counter() + seconds
@@ -240,7 +202,7 @@ async def load_sql(
         elapsed = time.perf_counter() - began
     finally:
         await conn.close()
-    return summary(latencies, elapsed, 0)
+    return summary(latencies, 0, elapsed)
 
 
 async def catalog_prefixes(database_url: str) -> list[str]:
@@ -248,7 +210,7 @@ async def catalog_prefixes(database_url: str) -> list[str]:
     of autocomplete requests that each miss the cache the first time they are asked."""
     import asyncpg
 
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         rows = await conn.fetch(
             "SELECT DISTINCT lower(substr(w, 1, n)) AS prefix"
@@ -272,24 +234,10 @@ def to_asyncpg(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
     return str(compiled), [params[name] for name in positional]
 
 
-def report(name: str, r: dict[str, float]) -> None:
-    print(
-        f"{name:<40} {r['rps']:>8.0f} req/s   p50 {r['p50_ms']:>6.2f} ms   p99 {r['p99_ms']:>6.2f} ms"
-        f"   ({int(r['requests'])} requests, {int(r['errors'])} non-200)"
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--min-products", type=int, default=4000)
-    args = parser.parse_args()
+    args = bench_arguments(__doc__, seconds=10, concurrency=8, min_products=4000)
 
-    os.environ.setdefault("VURKSHA_ENV", "test")
-    os.environ.setdefault("VURKSHA_DATA_DIR", str(ROOT / ".vurksha" / "bench"))
-    os.environ["VURKSHA_RATE_LIMIT_PER_IP_PER_MINUTE"] = str(10**9)
-    os.environ["VURKSHA_RATE_LIMIT_PER_USER_PER_MINUTE"] = str(10**9)
+    bench_environment()
 
     from deployments.launcher import backend
     from models.search import (
@@ -329,12 +277,12 @@ def main() -> None:
         t = args.seconds
         http = (args.seconds, args.concurrency)
         cases: list[tuple[str, Any]] = [
-            ("Serve GET /search", lambda: load_http(lambda: f"{base}/search?q={next(queries)}", *http)),
+            ("Serve GET /search", lambda: load(get(lambda: f"{base}/search?q={next(queries)}"), *http)),
             ("SQL search (asyncpg, 1 connection)", lambda: load_sql(database_url, search_sql, t)),
-            ("Serve GET /search/autocomplete (cold)", lambda: load_http(cold_url, *http)),
+            ("Serve GET /search/autocomplete (cold)", lambda: load(get(cold_url), *http)),
             (
                 "Serve GET /search/autocomplete (warm)",
-                lambda: load_http(lambda: f"{base}/search/autocomplete?q={next(prefixes)}", *http),
+                lambda: load(get(lambda: f"{base}/search/autocomplete?q={next(prefixes)}"), *http),
             ),
             ("SQL autocomplete (asyncpg, 1 connection)", lambda: load_sql(database_url, autocomplete_sql, t)),
         ]
@@ -344,19 +292,19 @@ def main() -> None:
         cases += [
             (
                 "Serve GET /search, 1 client",
-                lambda: load_http(lambda: f"{base}/search?q={next(queries)}", *one),
+                lambda: load(get(lambda: f"{base}/search?q={next(queries)}"), *one),
             ),
-            ("Serve autocomplete cold, 1 client", lambda: load_http(cold_url, *one)),
+            ("Serve autocomplete cold, 1 client", lambda: load(get(cold_url), *one)),
             (
                 "Serve autocomplete warm, 1 client",
-                lambda: load_http(lambda: f"{base}/search/autocomplete?q={next(prefixes)}", *one),
+                lambda: load(get(lambda: f"{base}/search/autocomplete?q={next(prefixes)}"), *one),
             ),
         ]
         load_before = os.getloadavg()[0]
         results = {}
         for name, run in cases:
             if "cold" not in name:
-                asyncio.run(load_http(lambda: f"{base}/search?q=milk", 1, 2))  # warm pools
+                asyncio.run(load(get(lambda: f"{base}/search?q=milk"), 1, 2))  # warm pools
             results[name] = asyncio.run(run())
         cold_requests = int(results["Serve GET /search/autocomplete (cold)"]["requests"]) + int(
             results["Serve autocomplete cold, 1 client"]["requests"]
@@ -374,7 +322,7 @@ def main() -> None:
         f"machine load average (1 min) before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores"
     )
     for name, r in results.items():
-        report(name, r)
+        report(name, r, name_width=40, rps_width=8, digits=2)
     s = results
     floor_search = s["SQL search (asyncpg, 1 connection)"]
     floor_ac = s["SQL autocomplete (asyncpg, 1 connection)"]

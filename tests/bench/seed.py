@@ -24,6 +24,7 @@ from config.settings import Settings
 from models.migrate import upgrade
 from pipelines import catalog
 from pipelines.seed import seed
+from tests.bench.common import asyncpg_dsn
 
 
 def _with_database(url: str, name: str) -> str:
@@ -43,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    server = os.environ["DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
+    server = asyncpg_dsn(os.environ["DATABASE_URL"])
     name = f"bench_seed_{secrets.token_hex(4)}"
     asyncio.run(_admin(server, f'CREATE DATABASE "{name}"'))
     try:
