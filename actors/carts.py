@@ -272,3 +272,11 @@ async def call(ref: Any) -> Any:
         raise ServiceUnavailable(
             "Your cart is briefly unavailable; please retry", code="cart_unavailable"
         ) from exc
+
+
+async def on_shard(user_id: uuid.UUID, method: str, *args: Any) -> CartView:
+    """Call one `CartShard` method for this user's cart on the shard that holds it: the
+    carts routes' single handle hop."""
+    shard = await get_shard(user_id)
+    result: CartView = await call(getattr(shard, method).remote(user_id, *args))
+    return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from actors.carts import call, get_shard
+from actors.carts import on_shard
 from deployments.common import CurrentUser, create_api, serve_builder
 from models.carts import AddItem, ApplyCoupon, CartView, ChooseAddress, SetQuantity
 
@@ -24,9 +24,7 @@ async def my_cart(principal: CurrentUser) -> CartView:
     """The caller's cart, re-validated and priced against the store serving their address now.
     Lines the store can no longer sell are kept and flagged (`available: false`,
     `available_quantity`, `unavailable_reason`) and count in no total."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.view.remote(principal.id))
-    return result
+    return await on_shard(principal.id, "view")
 
 
 @api.post("/me/items", response_model=CartView, tags=["cart"])
@@ -35,33 +33,25 @@ async def add_item(body: AddItem, principal: CurrentUser) -> CartView:
     `insufficient_stock` (with `available_quantity`) beyond what the store can sell, 409
     `cart_full` beyond the distinct-item limit, 422 `quantity_limit` beyond the per-item limit,
     404 `product_not_found`, 409 `product_inactive`, 409 `address_required` without an address."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.add_item.remote(principal.id, body))
-    return result
+    return await on_shard(principal.id, "add_item", body)
 
 
 @api.patch("/me/items/{product_id}", response_model=CartView, tags=["cart"])
 async def set_quantity(product_id: uuid.UUID, body: SetQuantity, principal: CurrentUser) -> CartView:
     """Set a line's quantity (1 to the per-item limit), checked against the store's stock."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.set_quantity.remote(principal.id, product_id, body))
-    return result
+    return await on_shard(principal.id, "set_quantity", product_id, body)
 
 
 @api.delete("/me/items/{product_id}", response_model=CartView, tags=["cart"])
 async def remove_item(product_id: uuid.UUID, principal: CurrentUser) -> CartView:
     """Remove a line; 404 `item_not_in_cart` when it is not there."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.remove_item.remote(principal.id, product_id))
-    return result
+    return await on_shard(principal.id, "remove_item", product_id)
 
 
 @api.delete("/me", response_model=CartView, tags=["cart"])
 async def clear_cart(principal: CurrentUser) -> CartView:
     """Empty the cart (items and coupon). The chosen address stays."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.clear.remote(principal.id))
-    return result
+    return await on_shard(principal.id, "clear")
 
 
 @api.post("/me/coupon", response_model=CartView, tags=["cart"])
@@ -70,17 +60,13 @@ async def apply_coupon(body: ApplyCoupon, principal: CurrentUser) -> CartView:
     `coupon_not_found` (404), `coupon_not_started`, `coupon_expired`, `coupon_exhausted`,
     `coupon_first_order_only`, `coupon_usage_limit`, `coupon_min_order` (422). A coupon that
     later stops qualifying stays attached and the cart says why (`coupon.reason`)."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.apply_coupon.remote(principal.id, body))
-    return result
+    return await on_shard(principal.id, "apply_coupon", body)
 
 
 @api.delete("/me/coupon", response_model=CartView, tags=["cart"])
 async def remove_coupon(principal: CurrentUser) -> CartView:
     """Detach the coupon."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.remove_coupon.remote(principal.id))
-    return result
+    return await on_shard(principal.id, "remove_coupon")
 
 
 @api.put("/me/address", response_model=CartView, tags=["cart"])
@@ -89,9 +75,7 @@ async def choose_address(body: ChooseAddress, principal: CurrentUser) -> CartVie
     and re-priced and re-validated there. 404 `address_not_found` (also for another user's
     address), 422 `not_serviceable` when no store delivers there. Without a choice the
     default address is used."""
-    shard = await get_shard(principal.id)
-    result: CartView = await call(shard.choose_address.remote(principal.id, body))
-    return result
+    return await on_shard(principal.id, "choose_address", body)
 
 
 app = serve_builder(api, "carts")

@@ -26,16 +26,23 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import and_, func, literal, select, text
+from sqlalchemy import Select, and_, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config.settings import Settings
 from models.errors import AppError, Conflict, NotFound, Unprocessable
-from models.products import Coupon, CouponRedemption, Inventory, NotServiceable, Product
-from models.users import User
+from models.products import (
+    Coupon,
+    CouponRedemption,
+    Inventory,
+    NotServiceable,
+    Product,
+    serving_stores_query,
+)
+from models.users import Address, User
 
 # ---------------------------------------------------------------- state (held by the actors)
 
@@ -390,32 +397,24 @@ class AddressRequired(Conflict):
     code = "address_required"
 
 
-# The address (the chosen one if it is still the user's, else the default) and the store that
-# serves it, in one round trip. Same rule as `models.products.serving_store` (the nearest active
-# store whose radius covers the point, haversine km, ties by code), joined to the address.
-BIND_SQL = text(
-    """
-SELECT a.id AS address_id, s.id AS store_id, s.code AS store_code, s.name AS store_name
-FROM addresses AS a
-LEFT JOIN LATERAL (
-    SELECT d.id, d.code, d.name FROM (
-        SELECT st.id, st.code, st.name, st.service_radius_km,
-               2 * 6371.0 * asin(sqrt(
-                   power(sin(radians(a.lat - st.lat) / 2), 2)
-                   + cos(radians(st.lat)) * cos(radians(a.lat)) * power(sin(radians(a.lng - st.lng) / 2), 2)
-               )) AS km
-        FROM stores AS st
-        WHERE st.is_active
-    ) AS d
-    WHERE d.km <= d.service_radius_km
-    ORDER BY d.km, d.code
-    LIMIT 1
-) AS s ON true
-WHERE a.user_id = :user_id AND (a.id = CAST(:address_id AS uuid) OR a.is_default)
-ORDER BY (a.id = CAST(:address_id AS uuid)) IS TRUE DESC
-LIMIT 1
-"""
-)
+def _bind_query(user_id: uuid.UUID, address_id: uuid.UUID | None) -> Select[Any]:
+    """The address (the chosen one if it is still the user's, else the default) and the store
+    that serves it, in one round trip: `serving_stores_query` correlated to the address."""
+    nearest = serving_stores_query(Address.lat, Address.lng).limit(1).lateral("nearest")
+    chosen = Address.id == address_id
+    return (
+        select(
+            Address.id.label("address_id"),
+            nearest.c.id.label("store_id"),
+            nearest.c.code.label("store_code"),
+            nearest.c.name.label("store_name"),
+        )
+        .select_from(Address)
+        .outerjoin(nearest, true())
+        .where(Address.user_id == user_id, or_(chosen, Address.is_default))
+        .order_by(chosen.is_(True).desc())
+        .limit(1)
+    )
 
 
 async def bind_store(
@@ -423,7 +422,7 @@ async def bind_store(
 ) -> Binding:
     """The store serving the user's chosen address (the default one when none was chosen, or
     the chosen one is gone). `strict`: the chosen address must exist and be the user's own."""
-    row = (await session.execute(BIND_SQL, {"user_id": user_id, "address_id": address_id})).one_or_none()
+    row = (await session.execute(_bind_query(user_id, address_id))).one_or_none()
     if strict and (row is None or row.address_id != address_id):
         # Someone else's address is indistinguishable from a missing one.
         raise NotFound("No such address", code="address_not_found")

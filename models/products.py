@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 import uuid
 from datetime import datetime, time
@@ -34,6 +33,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Select,
     String,
     Text,
     UniqueConstraint,
@@ -50,7 +50,7 @@ from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
 from models.db import Base, TimestampMixin, new_id
 from models.errors import AppError, Conflict, NotFound, Unprocessable
@@ -247,24 +247,35 @@ class NotServiceable(AppError):
     code = "not_serviceable"
 
 
-def distance_km(lat: float, lng: float) -> ColumnElement[float]:
-    """Great-circle (haversine) distance in km from a store to the point."""
+# A coordinate: a number, or a column to correlate with (e.g. `Address.lat`).
+Coordinate = float | ColumnElement[float] | InstrumentedAttribute[float]
+
+
+def distance_km(lat: Coordinate, lng: Coordinate) -> ColumnElement[float]:
+    """Great-circle (haversine) distance in km from a store to a point: numbers, or columns
+    (e.g. an address's) for a correlated query."""
     dlat = func.radians(lat - Store.lat) / 2
     dlng = func.radians(lng - Store.lng) / 2
-    a = func.power(func.sin(dlat), 2) + func.cos(func.radians(Store.lat)) * math.cos(
-        math.radians(lat)
+    a = func.power(func.sin(dlat), 2) + func.cos(func.radians(Store.lat)) * func.cos(
+        func.radians(lat)
     ) * func.power(func.sin(dlng), 2)
     return 2 * 6371.0 * func.asin(func.sqrt(a))
 
 
-async def serving_stores(session: AsyncSession, lat: float, lng: float) -> list[tuple[Store, float]]:
-    """Active stores whose service radius covers the point, nearest first, with distance."""
+def serving_stores_query(lat: Coordinate, lng: Coordinate) -> Select[Store, float]:
+    """Active stores whose radius covers the point, nearest first (ties by code): THE rule for
+    which store serves an address, shared by browsing and carts."""
     distance = distance_km(lat, lng).label("distance_km")
-    rows = await session.execute(
+    return (
         select(Store, distance)
         .where(Store.is_active, distance <= Store.service_radius_km)
         .order_by(distance, Store.code)
     )
+
+
+async def serving_stores(session: AsyncSession, lat: float, lng: float) -> list[tuple[Store, float]]:
+    """Active stores whose service radius covers the point, nearest first, with distance."""
+    rows = await session.execute(serving_stores_query(lat, lng))
     return [(store, float(km)) for store, km in rows.all()]
 
 
