@@ -30,8 +30,12 @@ lint: setup
 openapi: setup
 	$(BIN)/vurksha openapi
 
+## Benchmarks (not tests): each starts the backend, prints its figures and a baseline ratio.
 bench: setup
 	$(BIN)/python -m tests.bench.users_me
+	$(BIN)/python -m tests.bench.carts
+	$(BIN)/python -m tests.bench.search
+	$(BIN)/python -m tests.bench.seed
 
 clean:
 	rm -rf $(VENV) .vurksha .pytest_cache .mypy_cache .ruff_cache .hypothesis
