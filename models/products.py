@@ -751,15 +751,22 @@ def _check_timezone(tz: str) -> None:
         raise Unprocessable("Unknown timezone", code="invalid_timezone") from None
 
 
+async def _flush_unique(session: AsyncSession, conflict: Conflict, add: Base | None = None) -> None:
+    """Flush (adding `add` first) in a savepoint; a unique-key violation becomes `conflict`
+    and leaves the request's transaction usable."""
+    try:
+        async with session.begin_nested():
+            if add is not None:
+                session.add(add)
+            await session.flush()
+    except IntegrityError:
+        raise conflict from None
+
+
 async def create_store(session: AsyncSession, data: StoreIn) -> Store:
     _check_timezone(data.timezone)
     store = Store(**data.model_dump())
-    try:
-        async with session.begin_nested():
-            session.add(store)
-            await session.flush()
-    except IntegrityError:
-        raise Conflict("A store with this code exists", code="store_code_taken") from None
+    await _flush_unique(session, Conflict("A store with this code exists", code="store_code_taken"), store)
     await session.refresh(store)
     return store
 
@@ -844,12 +851,7 @@ async def create_category(session: AsyncSession, data: CategoryIn) -> Category:
     if data.parent_id is not None and await session.get(Category, data.parent_id) is None:
         raise CategoryNotFound("The parent category does not exist")
     cat = Category(**data.model_dump())
-    try:
-        async with session.begin_nested():
-            session.add(cat)
-            await session.flush()
-    except IntegrityError:
-        raise Conflict("A category with this slug exists", code="slug_taken") from None
+    await _flush_unique(session, Conflict("A category with this slug exists", code="slug_taken"), cat)
     await session.refresh(cat)
     return cat
 
@@ -875,11 +877,7 @@ async def update_category(session: AsyncSession, category_id: uuid.UUID, patch: 
     renamed = "name" in changes and changes["name"] != cat.name
     for field, value in changes.items():
         setattr(cat, field, value)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError:
-        raise Conflict("A category with this slug exists", code="slug_taken") from None
+    await _flush_unique(session, Conflict("A category with this slug exists", code="slug_taken"))
     if renamed:  # the category name is part of its products' search documents
         ids = list(await session.scalars(select(Product.id).where(Product.category_id == category_id)))
         if ids:
@@ -964,12 +962,7 @@ async def create_product(session: AsyncSession, data: ProductIn) -> Product:
     if await session.get(Category, data.category_id) is None:
         raise CategoryNotFound("No such category")
     product = Product(**data.model_dump())
-    try:
-        async with session.begin_nested():
-            session.add(product)
-            await session.flush()
-    except IntegrityError:
-        raise Conflict("A product with this SKU exists", code="sku_taken") from None
+    await _flush_unique(session, Conflict("A product with this SKU exists", code="sku_taken"), product)
     await refresh_search_vectors(session, [product.id])
     await session.refresh(product)
     return product
