@@ -165,7 +165,12 @@ def normalize_phone(raw: str, region: str | None = None) -> str:
         number = None
     if number is None or not phonenumbers.is_valid_number(number):
         raise PydanticCustomError("invalid_phone", "Not a valid phone number")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    # E.164 caps numbers at 15 digits, but phonenumbers accepts longer ones in some plans
+    # (German numbers with appended digits, found by fuzzing): SMS gateways refuse those.
+    if len(e164) > 16:
+        raise PydanticCustomError("invalid_phone", "Not a valid phone number")
+    return e164
 
 
 # The documented pattern guides clients and fuzzers; validation itself is `normalize_phone`, so

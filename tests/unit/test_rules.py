@@ -24,7 +24,7 @@ def test_phone_is_normalised_to_e164(raw, e164):
     assert OtpRequest(phone=raw).phone == e164
 
 
-@pytest.mark.parametrize("raw", ["12345", "not a phone", "+91 00000 00000", "", "9" * 40, "+91 98123 4567x"])
+@pytest.mark.parametrize("raw", ["12345", "not a phone", "+91 00000 00000", "", "9" * 40, "+91 98123 4567x", "+490409 7969-.98900-39 8"])
 def test_invalid_phone_is_rejected_with_its_own_code(raw):
     with pytest.raises(ValidationError) as err:
         OtpRequest(phone=raw)
