@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,13 @@ os.environ.setdefault("VURKSHA_HTTP_PORT", "8000")
 os.environ.setdefault("VURKSHA_RATE_LIMIT_PER_IP_PER_MINUTE", "300")
 os.environ.setdefault("VURKSHA_RATE_LIMIT_PER_USER_PER_MINUTE", "120")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+# CI must be repeatable (a submission lands only on green): there the property tests and the
+# API fuzzers draw the same examples every run. Locally they explore fresh ones each time.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def fake_ip() -> str:
