@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime
+from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import DateTime, MetaData, func
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from models.errors import Unprocessable
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -56,3 +61,13 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5) -> Async
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def patch_changes(patch: BaseModel, required: Collection[str] | None = None) -> dict[str, Any]:
+    """The fields a PATCH body actually sent. An explicit null is refused (422) for `required`
+    fields (every field when None): their columns cannot be NULL."""
+    changes = patch.model_dump(exclude_unset=True)
+    for field, value in changes.items():
+        if value is None and (required is None or field in required):
+            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    return changes

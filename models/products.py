@@ -52,7 +52,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
-from models.db import Base, TimestampMixin, new_id
+from models.db import Base, TimestampMixin, new_id, patch_changes
 from models.errors import AppError, Conflict, NotFound, Unprocessable
 from models.users import Address
 
@@ -775,10 +775,7 @@ async def update_store(session: AsyncSession, store_id: uuid.UUID, patch: StoreP
     store = await session.get(Store, store_id, with_for_update=True)
     if store is None:
         raise StoreNotFound("No such store")
-    changes = patch.model_dump(exclude_unset=True)
-    for field, value in changes.items():
-        if value is None:
-            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    changes = patch_changes(patch)
     if "timezone" in changes:
         _check_timezone(changes["timezone"])
     for field, value in changes.items():
@@ -861,10 +858,7 @@ async def update_category(session: AsyncSession, category_id: uuid.UUID, patch: 
     cat = await session.get(Category, category_id)
     if cat is None:
         raise CategoryNotFound("No such category")
-    changes = patch.model_dump(exclude_unset=True)
-    for field in ("slug", "name", "position", "is_active"):
-        if field in changes and changes[field] is None:
-            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    changes = patch_changes(patch, required=("slug", "name", "position", "is_active"))
     if (parent_id := changes.get("parent_id")) is not None:
         if await session.get(Category, parent_id) is None:
             raise CategoryNotFound("The parent category does not exist")
@@ -972,19 +966,19 @@ async def update_product(session: AsyncSession, product_id: uuid.UUID, patch: Pr
     product = await session.get(Product, product_id, with_for_update=True)
     if product is None:
         raise ProductNotFound("No such product")
-    changes = patch.model_dump(exclude_unset=True)
-    for field in (
-        "name",
-        "unit",
-        "images",
-        "category_id",
-        "mrp_paise",
-        "price_paise",
-        "tax_rate_bp",
-        "is_active",
-    ):
-        if field in changes and changes[field] is None:
-            raise Unprocessable(f"{field} cannot be null", code="validation_error")
+    changes = patch_changes(
+        patch,
+        required=(
+            "name",
+            "unit",
+            "images",
+            "category_id",
+            "mrp_paise",
+            "price_paise",
+            "tax_rate_bp",
+            "is_active",
+        ),
+    )
     _check_prices(
         changes.get("mrp_paise", product.mrp_paise),
         changes.get("price_paise", product.price_paise),

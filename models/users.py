@@ -13,7 +13,7 @@ import hmac
 import secrets
 import uuid
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 import phonenumbers
 from pydantic import (
@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from config.settings import Settings, get_settings
-from models.db import Base, TimestampMixin, new_id
+from models.db import Base, TimestampMixin, new_id, patch_changes
 from models.errors import AppError, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
 from models.tokens import TokenService
 
@@ -701,10 +701,7 @@ async def update_address(
 ) -> Address:
     await _lock_user(session, user_id)
     address = await _owned_address(session, user_id, address_id)
-    changes: dict[str, Any] = patch.model_dump(exclude_unset=True)
-    for field in ("label", "line1", "city", "pincode", "lat", "lng", "is_default"):
-        if field in changes and changes[field] is None:
-            raise AppError(f"{field} cannot be null", code="validation_error", status_code=422)
+    changes = patch_changes(patch, required=("label", "line1", "city", "pincode", "lat", "lng", "is_default"))
     if changes.pop("is_default", None) is False and address.is_default:
         raise Conflict("Make another address the default instead", code="default_address_required")
     elif patch.is_default and not address.is_default:
