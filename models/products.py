@@ -54,7 +54,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
 from models.db import Base, TimestampMixin, new_id, patch_changes
 from models.errors import AppError, Conflict, NotFound, Unprocessable
-from models.users import Address
+from models.users import Address, Lat, Lng, no_nul, storable
 
 # GST slabs in basis points (0 %, 5 %, 12 %, 18 %, 28 %).
 GST_SLABS_BP = (0, 500, 1200, 1800, 2800)
@@ -299,25 +299,6 @@ MAX_IMPORT_ROWS = 1000
 MAX_PAGE = 100
 
 
-def storable(value: str) -> bool:
-    """Whether PostgreSQL can store the string: no NUL, and valid UTF-8 (JSON can smuggle in
-    lone surrogates)."""
-    if "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _no_nul(value: str) -> str:
-    # Rejecting these here keeps them a 422 rather than a database error (500).
-    if not storable(value):
-        raise ValueError("must not contain NUL characters or lone surrogates")
-    return value
-
-
 _CLOCK = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$")
 
 
@@ -331,7 +312,7 @@ def _clock(value: Any) -> time:
     raise ValueError('expected a local time "HH:MM" or "HH:MM:SS" without an offset')
 
 
-NoNul = AfterValidator(_no_nul)
+NoNul = AfterValidator(no_nul)
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=120), NoNul]
 City = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), NoNul]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$", max_length=80)]
@@ -353,8 +334,6 @@ ReviewBody = Annotated[str, StringConstraints(strip_whitespace=True, min_length=
 Paise = Annotated[int, Field(strict=True, gt=0, le=10_000_000_00, description="Integer paise")]
 TaxBp = Annotated[int, Field(strict=True, description=f"GST slab in basis points, one of {GST_SLABS_BP}")]
 Radius = Annotated[float, Field(strict=True, gt=0, le=50)]
-Lat = Annotated[float, Field(strict=True, ge=-90, le=90)]
-Lng = Annotated[float, Field(strict=True, ge=-180, le=180)]
 Count = Annotated[int, Field(strict=True, ge=0, le=1_000_000)]
 Flag = Annotated[bool, Field(strict=True)]
 Position = Annotated[int, Field(strict=True, ge=0, le=100_000)]

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    StrictBool,
     StringConstraints,
 )
 from pydantic_core import PydanticCustomError
@@ -180,7 +181,28 @@ Phone = Annotated[
     Field(max_length=32, json_schema_extra={"pattern": r"^\+?[0-9][0-9 ().-]{5,30}$"}),
     AfterValidator(normalize_phone),
 ]
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+def storable(value: str) -> bool:
+    """Whether PostgreSQL can store the string: no NUL, and valid UTF-8 (JSON can smuggle in
+    lone surrogates)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def no_nul(value: str) -> str:
+    # Rejecting these here keeps them a 422 rather than a database error (500).
+    if not storable(value):
+        raise ValueError("must not contain NUL characters or lone surrogates")
+    return value
+
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(no_nul)]
 
 
 class Strict(BaseModel):
@@ -247,8 +269,9 @@ Line = Annotated[Text, StringConstraints(max_length=200)]
 Landmark = Annotated[Text, StringConstraints(max_length=120)]
 City = Annotated[Text, StringConstraints(max_length=100)]
 Pincode = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{5}$")]
-Lat = Annotated[float, Field(ge=-90, le=90)]
-Lng = Annotated[float, Field(ge=-180, le=180)]
+# Strict: a number, never a numeric string (the documented type is a number).
+Lat = Annotated[float, Field(strict=True, ge=-90, le=90)]
+Lng = Annotated[float, Field(strict=True, ge=-180, le=180)]
 
 
 class AddressIn(Strict):
@@ -260,7 +283,7 @@ class AddressIn(Strict):
     pincode: Pincode
     lat: Lat
     lng: Lng
-    is_default: bool = False
+    is_default: StrictBool = False
 
 
 class AddressPatch(Strict):
@@ -272,7 +295,7 @@ class AddressPatch(Strict):
     pincode: Pincode | None = None
     lat: Lat | None = None
     lng: Lng | None = None
-    is_default: bool | None = None
+    is_default: StrictBool | None = None
 
 
 class AddressOut(BaseModel):

@@ -24,7 +24,10 @@ def test_phone_is_normalised_to_e164(raw, e164):
     assert OtpRequest(phone=raw).phone == e164
 
 
-@pytest.mark.parametrize("raw", ["12345", "not a phone", "+91 00000 00000", "", "9" * 40, "+91 98123 4567x", "+490409 7969-.98900-39 8"])
+@pytest.mark.parametrize(
+    "raw",
+    ["12345", "not a phone", "+91 00000 00000", "", "9" * 40, "+91 98123 4567x", "+490409 7969-.98900-39 8"],
+)
 def test_invalid_phone_is_rejected_with_its_own_code(raw):
     with pytest.raises(ValidationError) as err:
         OtpRequest(phone=raw)
@@ -61,6 +64,9 @@ def test_profile_update_rejects_privileged_fields():
         {"pincode": "012345"},
         {"pincode": "56001"},
         {"line1": ""},
+        {"line1": "a\x00b"},
+        {"is_default": 0},
+        {"lat": "12.9"},
         {"city": "x" * 101},
     ],
 )
