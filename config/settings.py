@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Secrets that ship in the code for development. Production refuses to start with them.
 DEV_OTP_PEPPER = "dev-only-otp-pepper-do-not-use-in-production"
 DEV_ADMIN_PHONE = "+919000000001"
+DEV_RAZORPAY_KEY_ID = "rzp_test_vurkshadev"
+DEV_RAZORPAY_KEY_SECRET = "dev-only-razorpay-key-secret"
+DEV_RAZORPAY_WEBHOOK_SECRET = "dev-only-razorpay-webhook-secret"
 
 
 class Settings(BaseSettings):
@@ -84,6 +87,31 @@ class Settings(BaseSettings):
     small_cart_threshold_paise: int = Field(default=9900, ge=0)
     small_cart_fee_paise: int = Field(default=1500, ge=0)
 
+    # Orders: stock held for an unpaid order this long, then released by the sweeper.
+    reservation_ttl_seconds: int = Field(default=600, ge=10)
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    max_tip_paise: int = Field(default=50000, ge=0)
+
+    # Payments: Razorpay's API (the sandbox gateway application outside production). An
+    # empty base URL means the local sandbox at http://127.0.0.1:<http_port>/sandbox-gateway.
+    razorpay_base_url: str = ""
+    razorpay_key_id: str = DEV_RAZORPAY_KEY_ID
+    razorpay_key_secret: SecretStr = SecretStr(DEV_RAZORPAY_KEY_SECRET)
+    razorpay_webhook_secret: SecretStr = SecretStr(DEV_RAZORPAY_WEBHOOK_SECRET)
+    # Where the sandbox gateway sends its webhooks (empty: our own webhook route).
+    sandbox_webhook_url: str = ""
+    # Reconciliation: payments still pending after this long are asked of the gateway.
+    reconcile_after_seconds: int = Field(default=120, ge=1)
+    reconcile_interval_seconds: float = Field(default=60, gt=0)
+    sweep_interval_seconds: float = Field(default=15, gt=0)
+
+    # Outbox: at-least-once delivery of domain events to subscribers.
+    outbox_max_attempts: int = Field(default=10, ge=1)
+    outbox_backoff_base_seconds: float = Field(default=0.5, gt=0)
+    outbox_backoff_max_seconds: float = Field(default=300, gt=0)
+    outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    outbox_retention_days: int = Field(default=7, ge=1)
+
     admin_phone: str = DEV_ADMIN_PHONE
 
     # Seed catalog: the Online Retail Parquet file (default: shared/data/online_retail beside
@@ -115,6 +143,16 @@ class Settings(BaseSettings):
             problems.append("VURKSHA_ENABLE_DEV_ENDPOINTS is not allowed in production")
         if self.admin_phone == DEV_ADMIN_PHONE:
             problems.append("VURKSHA_ADMIN_PHONE must be set")
+        if (
+            not self.razorpay_base_url.startswith("https://")
+            or self.razorpay_key_id == DEV_RAZORPAY_KEY_ID
+            or self.razorpay_key_secret.get_secret_value() in ("", DEV_RAZORPAY_KEY_SECRET)
+            or self.razorpay_webhook_secret.get_secret_value() in ("", DEV_RAZORPAY_WEBHOOK_SECRET)
+        ):
+            problems.append(
+                "VURKSHA_RAZORPAY_BASE_URL (https), VURKSHA_RAZORPAY_KEY_ID, "
+                "VURKSHA_RAZORPAY_KEY_SECRET and VURKSHA_RAZORPAY_WEBHOOK_SECRET must be set"
+            )
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self
@@ -125,6 +163,15 @@ class Settings(BaseSettings):
         if self.enable_dev_endpoints is None:
             return self.env != "production"
         return self.enable_dev_endpoints
+
+    @property
+    def gateway_base_url(self) -> str:
+        return self.razorpay_base_url or f"http://127.0.0.1:{self.http_port}/sandbox-gateway"
+
+    @property
+    def gateway_webhook_url(self) -> str:
+        """Where the sandbox gateway posts webhooks: our own receiver unless overridden."""
+        return self.sandbox_webhook_url or f"http://127.0.0.1:{self.http_port}/payments/webhooks/razorpay"
 
     @property
     def key_file(self) -> Path:

@@ -159,6 +159,10 @@ def test_dev_outbox_is_404_in_production(live: Live):
         "VURKSHA_SMS_ACCOUNT_SID": "AC0000",
         "VURKSHA_SMS_AUTH_TOKEN": "token",
         "VURKSHA_ADMIN_PHONE": "+919812345678",
+        "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
+        "VURKSHA_RAZORPAY_KEY_ID": "rzp_live_x",
+        "VURKSHA_RAZORPAY_KEY_SECRET": "live-secret",
+        "VURKSHA_RAZORPAY_WEBHOOK_SECRET": "whsec",
     }
     proc = subprocess.Popen(
         [

@@ -94,6 +94,7 @@ def test_production_refuses_default_secrets():
         Settings(env="production")
     message = str(err.value)
     assert "OTP_PEPPER" in message and "JWT_PRIVATE_KEY" in message and "ADMIN_PHONE" in message
+    assert "RAZORPAY_WEBHOOK_SECRET" in message
 
 
 def test_production_refuses_dev_endpoints_and_accepts_real_config():
@@ -107,6 +108,10 @@ def test_production_refuses_dev_endpoints_and_accepts_real_config():
         sms_account_sid="AC1",
         sms_auth_token="tok",
         admin_phone="+919812345678",
+        razorpay_base_url="https://api.razorpay.com",
+        razorpay_key_id="rzp_live_x",
+        razorpay_key_secret="live-secret",
+        razorpay_webhook_secret="whsec",
     )
     settings = Settings(**good)
     assert settings.dev_endpoints is False
