@@ -17,8 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_OTP_PEPPER = "dev-only-otp-pepper-do-not-use-in-production"
 DEV_ADMIN_PHONE = "+919000000001"
 DEV_RAZORPAY_KEY_ID = "rzp_test_vurkshadev"
-DEV_RAZORPAY_KEY_SECRET = "dev-only-razorpay-key-secret"
-DEV_RAZORPAY_WEBHOOK_SECRET = "dev-only-razorpay-webhook-secret"
+# Deliberately in the code (S105): the production guard below refuses them.
+DEV_RAZORPAY_KEY_SECRET = "dev-only-razorpay-key-secret"  # noqa: S105
+DEV_RAZORPAY_WEBHOOK_SECRET = "dev-only-razorpay-webhook-secret"  # noqa: S105
 
 
 class Settings(BaseSettings):
