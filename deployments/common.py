@@ -391,8 +391,9 @@ class Health(BaseModel):
     checks: dict[str, str]
 
 
-def create_api(service: str, *, title: str, description: str) -> FastAPI:
-    """A FastAPI app with the shared behaviour every service has."""
+def create_api(service: str, *, title: str, description: str, rate_limited: bool = True) -> FastAPI:
+    """A FastAPI app with the shared behaviour every service has. `rate_limited=False` is for
+    stand-ins of third parties (the sandbox gateway), whose callers are our own services."""
     api = FastAPI(
         title=title,
         description=description,
@@ -430,7 +431,8 @@ def create_api(service: str, *, title: str, description: str) -> FastAPI:
         return JSONResponse(body.model_dump(), status_code=503)
 
     # Every route added from here on is rate limited; health probes above are not.
-    api.router.dependencies.append(RateLimited)
+    if rate_limited:
+        api.router.dependencies.append(RateLimited)
     return api
 
 

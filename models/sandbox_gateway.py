@@ -171,7 +171,7 @@ def _check_notes(value: dict[str, NoteValue] | list[Any]) -> dict[str, NoteValue
     return value
 
 
-class CreateOrderRequest(_Body):
+class SandboxCreateOrder(_Body):
     """POST /v1/orders."""
 
     amount: StrictInt
@@ -183,14 +183,14 @@ class CreateOrderRequest(_Body):
     _notes = field_validator("notes")(_check_notes)
 
 
-class CaptureRequest(_Body):
+class SandboxCapture(_Body):
     """POST /v1/payments/{id}/capture."""
 
     amount: StrictInt
     currency: str
 
 
-class RefundRequest(_Body):
+class SandboxRefund(_Body):
     """POST /v1/payments/{id}/refund; the amount defaults to what is left unrefunded."""
 
     amount: StrictInt | None = None
@@ -201,7 +201,7 @@ class RefundRequest(_Body):
     _notes = field_validator("notes")(_check_notes)
 
 
-class WebhookOptions(_Body):
+class SandboxWebhooks(_Body):
     """How the webhooks of one sandbox action are delivered (switches for tests)."""
 
     deliver: bool = Field(True, description="False drops the webhooks (reconciliation tests)")
@@ -216,7 +216,7 @@ class WebhookOptions(_Body):
     )
 
 
-class PayRequest(_Body):
+class SandboxPay(_Body):
     """What the customer's checkout does: pay the order, successfully or not."""
 
     outcome: Literal["success", "failure"] = "success"
@@ -224,17 +224,33 @@ class PayRequest(_Body):
     auto_capture: bool = Field(
         True, description="Capture at once (Razorpay's auto-capture); False leaves it authorized"
     )
-    webhooks: WebhookOptions = Field(default_factory=WebhookOptions)
+    webhooks: SandboxWebhooks = Field(default_factory=SandboxWebhooks)
 
 
-class SentEvent(BaseModel):
+class RazorpayErrorDetail(BaseModel):
+    code: str
+    description: str
+    source: str
+    step: str
+    reason: str
+    metadata: dict[str, Any]
+    field: str | None
+
+
+class RazorpayErrorBody(BaseModel):
+    """Razorpay's error response (documents the sandbox's 400 and 401 answers)."""
+
+    error: RazorpayErrorDetail
+
+
+class SandboxEvent(BaseModel):
     id: str = Field(description="X-Razorpay-Event-Id, the same on every delivery of the event")
     event: str
 
 
-class PayResult(BaseModel):
+class SandboxPayResult(BaseModel):
     payment: dict[str, Any]
-    events: list[SentEvent] = Field(description="The events the action raised, in the order raised")
+    events: list[SandboxEvent] = Field(description="The events the action raised, in the order raised")
     webhooks_delivered: bool
 
 
@@ -339,11 +355,11 @@ class SandboxGateway:
         await self.payment(payment_id)
         return await self._load_list(f"sbx:{payment_id}:refunds")
 
-    async def webhook_options(self, payment_id: str) -> WebhookOptions:
+    async def webhook_options(self, payment_id: str) -> SandboxWebhooks:
         """The webhook switches given when the payment was made; later events of the payment
         (capture, refunds) are delivered the same way."""
         raw = await self._redis.get(f"sbx:{payment_id}:hooks")
-        return WebhookOptions.model_validate_json(raw) if raw else WebhookOptions()
+        return SandboxWebhooks.model_validate_json(raw) if raw else SandboxWebhooks()
 
     # -- writing
 
@@ -368,7 +384,7 @@ class SandboxGateway:
             "The request could not be completed; retry", status_code=500, error_code="SERVER_ERROR"
         )
 
-    async def create_order(self, request: CreateOrderRequest) -> Entity:
+    async def create_order(self, request: SandboxCreateOrder) -> Entity:
         """Create an order in status `created`."""
         if request.amount < MIN_ORDER_AMOUNT:
             raise RazorpayError("The amount must be atleast INR 1.00", field="amount")
@@ -394,7 +410,7 @@ class SandboxGateway:
         await self._redis.set(_key(order["id"]), json.dumps(order), ex=TTL_SECONDS)
         return order
 
-    async def pay(self, order_id: str, request: PayRequest) -> tuple[Entity, list[Event]]:
+    async def pay(self, order_id: str, request: SandboxPay) -> tuple[Entity, list[Event]]:
         """A customer's payment attempt on an order. Success authorizes the payment and, with
         auto-capture, captures it and marks the order paid; failure leaves the order attempted.
         An order takes several attempts, but once paid it takes no more."""
@@ -481,7 +497,7 @@ class SandboxGateway:
             make_event("order.paid", {"payment": dict(payment), "order": dict(order)}, now),
         ]
 
-    async def capture(self, payment_id: str, request: CaptureRequest) -> tuple[Entity, list[Event]]:
+    async def capture(self, payment_id: str, request: SandboxCapture) -> tuple[Entity, list[Event]]:
         """Capture an authorized payment; the amount must be the authorized amount."""
         self._check_id(payment_id, "pay")
 
@@ -512,7 +528,7 @@ class SandboxGateway:
         return await self._transact(plan)
 
     async def refund(
-        self, payment_id: str, request: RefundRequest, idempotency_key: str | None
+        self, payment_id: str, request: SandboxRefund, idempotency_key: str | None
     ) -> tuple[Entity, list[Event]]:
         """Refund (part of) a captured payment; processed at once. The same idempotency key on
         the same payment returns the refund it made first (and raises no events)."""
@@ -597,7 +613,7 @@ class WebhookSender:
         # Strong references: the event loop keeps only weak ones to tasks.
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def dispatch(self, events: Sequence[Event], options: WebhookOptions) -> bool:
+    def dispatch(self, events: Sequence[Event], options: SandboxWebhooks) -> bool:
         """Start delivering `events` in the background; False when the options drop them."""
         if not options.deliver or not events:
             return False
