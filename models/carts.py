@@ -648,6 +648,20 @@ def apply_coupon(state: CartState, ctx: CartContext, body: ApplyCoupon, now: dat
     return state.model_copy(update={"coupon_code": body.code, "updated_at": now})
 
 
+def consume(state: CartState, ordered: CartState, now: datetime) -> CartState:
+    """The cart after `ordered` (a snapshot of it) became an order."""
+    if state.updated_at == ordered.updated_at:
+        return state.model_copy(update={"lines": [], "coupon_code": None, "updated_at": now})
+    bought = {line.product_id: line.quantity for line in ordered.lines}
+    lines = [
+        line.model_copy(update={"quantity": line.quantity - bought.get(line.product_id, 0)})
+        for line in state.lines
+        if line.quantity > bought.get(line.product_id, 0)
+    ]
+    coupon = None if state.coupon_code == ordered.coupon_code else state.coupon_code
+    return state.model_copy(update={"lines": lines, "coupon_code": coupon, "updated_at": now})
+
+
 def remove_coupon(state: CartState, now: datetime) -> CartState:
     return state.model_copy(update={"coupon_code": None, "updated_at": now})
 

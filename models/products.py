@@ -219,7 +219,7 @@ class CouponRedemption(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     coupon_code: Mapped[str] = mapped_column(ForeignKey("coupons.code", ondelete="RESTRICT"))
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    order_id: Mapped[uuid.UUID | None]
+    order_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(server_default=text("now()"))
 
 

@@ -54,6 +54,8 @@ MAX_ADDRESSES_PER_USER = 20
 class Role(enum.StrEnum):
     customer = "customer"
     partner = "partner"
+    staff = "staff"  # works in one dark store (users.store_id): moves its orders along
+    ops = "ops"  # operations: every store's orders, refunds
     admin = "admin"
 
 
@@ -62,7 +64,10 @@ class Role(enum.StrEnum):
 
 class User(TimestampMixin, Base):
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("role IN ('customer', 'partner', 'admin')", name="role"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('customer', 'partner', 'staff', 'ops', 'admin')", name="role"),
+        CheckConstraint("role <> 'staff' OR store_id IS NOT NULL", name="staff_store"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     phone: Mapped[str] = mapped_column(String(16), unique=True)
@@ -72,6 +77,8 @@ class User(TimestampMixin, Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     # Set by checkout when the first order is placed; first-order-only coupons check it.
     first_order_at: Mapped[datetime | None]
+    # The dark store a staff member works in.
+    store_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("stores.id", ondelete="SET NULL"))
 
 
 class OtpChallenge(Base):

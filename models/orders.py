@@ -1,0 +1,1274 @@
+"""Orders: checkout (cart -> order with stock reserved), the order lifecycle as an explicit
+transition table, its append-only history, and how payment events move an order.
+
+Stock. `inventory.reserved` holds what orders have claimed. An order's `reservation` says
+where its claim is: `held` (unpaid online order; released when `reservation_expires_at`
+passes), `committed` (paid or cash on delivery; kept until the order leaves the store),
+`fulfilled` (handed to the partner: on hand and reserved both drop) or `released` (cancelled).
+Every move of the reservation is a conditional change of the order row made under its lock,
+so stock is released or consumed exactly once.
+
+Locks are always taken in one order, so concurrent checkouts, cancellations, payments and
+sweeps cannot deadlock: user -> coupon -> inventory rows (by product id) for checkout;
+order -> payment -> inventory rows (by product id) for everything after it.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    delete,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column
+
+from config.settings import Settings
+from models import carts, idempotency, outbox
+from models.carts import CartContext, CartState, CartView, StoreRef
+from models.db import Base, new_id, utcnow
+from models.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from models.gateway import (
+    GatewayOrder,
+    GatewayPayment,
+    GatewayRefund,
+    GatewayRejected,
+    GatewayUnavailable,
+    WebhookEvent,
+)
+from models.payments import (
+    GatewayEvent,
+    Payment,
+    PaymentOut,
+    PaymentStatus,
+    Refund,
+    open_payment,
+    payment_for_order,
+    request_refund,
+    settle_refund,
+)
+from models.products import Coupon, CouponRedemption, Inventory
+from models.users import Address, Role, User
+
+# ---------------------------------------------------------------- the state machine (pure)
+
+
+class Status(enum.StrEnum):
+    pending_payment = "pending_payment"
+    payment_failed = "payment_failed"
+    placed = "placed"
+    confirmed = "confirmed"
+    packed = "packed"
+    out_for_delivery = "out_for_delivery"
+    delivered = "delivered"
+    cancelled = "cancelled"
+    partially_refunded = "partially_refunded"
+    refunded = "refunded"
+
+
+S = Status
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    S.pending_payment: frozenset({S.placed, S.payment_failed, S.cancelled}),
+    # A failed attempt is not the end: the customer may pay again on the same gateway order.
+    S.payment_failed: frozenset({S.placed, S.cancelled}),
+    S.placed: frozenset({S.confirmed, S.cancelled}),
+    S.confirmed: frozenset({S.packed, S.cancelled}),
+    S.packed: frozenset({S.out_for_delivery, S.cancelled}),
+    S.out_for_delivery: frozenset({S.delivered}),
+    S.delivered: frozenset({S.partially_refunded, S.refunded}),
+    S.partially_refunded: frozenset({S.partially_refunded, S.refunded}),
+    S.cancelled: frozenset(),
+    S.refunded: frozenset(),
+}
+
+Actor = Literal["customer", "staff", "ops", "admin", "system", "gateway"]
+
+# Who may ask for which target status (the table above says from where).
+CUSTOMER_TARGETS = frozenset({S.cancelled})
+STAFF_TARGETS = frozenset({S.confirmed, S.packed, S.out_for_delivery, S.delivered, S.cancelled})
+SYSTEM_TARGETS = frozenset(Status)
+ACTOR_TARGETS: dict[str, frozenset[Status]] = {
+    "customer": CUSTOMER_TARGETS,
+    "staff": STAFF_TARGETS,
+    "ops": STAFF_TARGETS,
+    "admin": STAFF_TARGETS,
+    "system": SYSTEM_TARGETS,
+    "gateway": SYSTEM_TARGETS,
+}
+# Reservation moves that go with a transition.
+RELEASES_STOCK = frozenset({S.cancelled})
+FULFILS_STOCK = frozenset({S.out_for_delivery})
+COMMITS_STOCK = frozenset({S.placed})
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+def check_transition(current: Status, target: Status, actor: str) -> None:
+    """Raise unless `actor` may move an order from `current` to `target`."""
+    if target not in ACTOR_TARGETS.get(actor, frozenset()):
+        raise Forbidden(f"A {actor} cannot move an order to {target}", code="forbidden_transition")
+    if target not in TRANSITIONS[current]:
+        raise InvalidTransition(
+            f"An order that is {current} cannot become {target}",
+            extra={"status": str(current), "allowed": sorted(TRANSITIONS[current])},
+        )
+
+
+def actor_for_role(role: str) -> Actor:
+    actors: dict[str, Actor] = {Role.admin: "admin", Role.ops: "ops", Role.staff: "staff"}
+    return actors.get(role, "customer")
+
+
+# ---------------------------------------------------------------- tables
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({', '.join(repr(s.value) for s in Status)})", name="status"),
+        CheckConstraint("reservation IN ('held', 'committed', 'fulfilled', 'released')", name="reservation"),
+        CheckConstraint("payment_method IN ('online', 'cod')", name="payment_method"),
+        CheckConstraint(
+            "subtotal_paise >= 0 AND coupon_discount_paise >= 0 AND coupon_discount_paise <= subtotal_paise"
+            " AND delivery_fee_paise >= 0 AND small_cart_fee_paise >= 0 AND tip_paise >= 0"
+            " AND total_paise = subtotal_paise - coupon_discount_paise + delivery_fee_paise"
+            " + small_cart_fee_paise + tip_paise",
+            name="money",
+        ),
+        CheckConstraint("refunded_paise >= 0 AND refunded_paise <= total_paise", name="refunded"),
+        CheckConstraint("(reservation = 'held') = (reservation_expires_at IS NOT NULL)", name="expiry"),
+        # A cart snapshot becomes at most one order (two checkouts of one cart cannot both win).
+        UniqueConstraint("user_id", "cart_version", name="uq_orders_user_cart_version"),
+        Index("ix_orders_user_created", "user_id", "created_at", "id"),
+        Index("ix_orders_store_status_created", "store_id", "status", "created_at"),
+        Index(
+            "ix_orders_held_expiry", "reservation_expires_at", postgresql_where=text("reservation = 'held'")
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    store_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("stores.id", ondelete="RESTRICT"))
+    address_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("addresses.id", ondelete="SET NULL"))
+    delivery_address: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(24))
+    version: Mapped[int] = mapped_column(Integer, server_default="1")
+    payment_method: Mapped[str] = mapped_column(String(8))
+    currency: Mapped[str] = mapped_column(String(3), server_default="INR")
+    items_mrp_paise: Mapped[int] = mapped_column(Integer)
+    subtotal_paise: Mapped[int] = mapped_column(Integer)
+    coupon_code: Mapped[str | None] = mapped_column(String(32))
+    coupon_discount_paise: Mapped[int] = mapped_column(Integer)
+    taxable_value_paise: Mapped[int] = mapped_column(Integer)
+    gst_paise: Mapped[int] = mapped_column(Integer)
+    delivery_fee_paise: Mapped[int] = mapped_column(Integer)
+    small_cart_fee_paise: Mapped[int] = mapped_column(Integer)
+    tip_paise: Mapped[int] = mapped_column(Integer)
+    total_paise: Mapped[int] = mapped_column(Integer)
+    refunded_paise: Mapped[int] = mapped_column(Integer, server_default="0")
+    reservation: Mapped[str] = mapped_column(String(16))
+    reservation_expires_at: Mapped[datetime | None]
+    cart_version: Mapped[datetime]
+    cancel_reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    placed_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+
+class OrderLine(Base):
+    """What was bought, frozen at checkout (later price changes do not touch it)."""
+
+    __tablename__ = "order_lines"
+    __table_args__ = (CheckConstraint("quantity > 0", name="quantity"),)
+
+    order_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True)
+    product_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("products.id", ondelete="RESTRICT"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    unit: Mapped[str] = mapped_column(String(40))
+    image: Mapped[str | None] = mapped_column(String(500))
+    quantity: Mapped[int] = mapped_column(Integer)
+    unit_price_paise: Mapped[int] = mapped_column(Integer)
+    unit_mrp_paise: Mapped[int] = mapped_column(Integer)
+    tax_rate_bp: Mapped[int] = mapped_column(Integer)
+    line_total_paise: Mapped[int] = mapped_column(Integer)
+    coupon_discount_paise: Mapped[int] = mapped_column(Integer)
+    taxable_value_paise: Mapped[int] = mapped_column(Integer)
+    gst_paise: Mapped[int] = mapped_column(Integer)
+
+
+class OrderEvent(Base):
+    """The order's history: append-only (a trigger refuses UPDATE and DELETE)."""
+
+    __tablename__ = "order_events"
+    __table_args__ = (Index("ix_order_events_order", "order_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    order_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("orders.id", ondelete="RESTRICT"))
+    from_status: Mapped[str | None] = mapped_column(String(24))
+    to_status: Mapped[str] = mapped_column(String(24))
+    actor: Mapped[str] = mapped_column(String(16))
+    actor_user_id: Mapped[uuid.UUID | None]
+    reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+
+
+# ---------------------------------------------------------------- schemas
+
+Reason = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckoutIn(Strict):
+    address_id: uuid.UUID
+    payment_method: Literal["online", "cod"]
+    tip_paise: int = Field(default=0, strict=True, ge=0, description="Tip for the delivery partner")
+
+
+class CancelIn(Strict):
+    reason: Reason | None = None
+    version: int | None = Field(
+        default=None, strict=True, ge=1, description="The version you saw; 409 version_conflict if stale"
+    )
+
+
+class TransitionIn(Strict):
+    to: Literal["confirmed", "packed", "out_for_delivery", "delivered", "cancelled"]
+    reason: Reason | None = None
+    version: int | None = Field(default=None, strict=True, ge=1)
+
+
+class OrderLineOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    product_id: uuid.UUID
+    name: str
+    unit: str
+    image: str | None
+    quantity: int
+    unit_price_paise: int
+    unit_mrp_paise: int
+    tax_rate_bp: int
+    line_total_paise: int
+    coupon_discount_paise: int
+    taxable_value_paise: int
+    gst_paise: int
+
+
+class OrderEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    from_status: str | None
+    to_status: str
+    actor: str
+    reason: str | None
+    created_at: datetime
+
+
+class OrderTotals(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    currency: str
+    items_mrp_paise: int
+    subtotal_paise: int
+    coupon_discount_paise: int
+    taxable_value_paise: int
+    gst_paise: int
+    delivery_fee_paise: int
+    small_cart_fee_paise: int
+    tip_paise: int
+    total_paise: int
+    refunded_paise: int
+
+
+class OrderSummary(BaseModel):
+    id: uuid.UUID
+    status: str
+    version: int
+    store_id: uuid.UUID
+    payment_method: str
+    total_paise: int
+    item_count: int
+    created_at: datetime
+
+
+class OrderOut(BaseModel):
+    id: uuid.UUID
+    status: str
+    version: int
+    store: StoreRef
+    delivery_address: dict[str, Any]
+    payment_method: str
+    coupon_code: str | None
+    lines: list[OrderLineOut]
+    totals: OrderTotals
+    payment: PaymentOut | None
+    razorpay_key_id: str | None = Field(description="The gateway key the checkout SDK needs (online)")
+    reservation_expires_at: datetime | None = Field(description="Pay before this or the order is cancelled")
+    cancel_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    placed_at: datetime | None
+    delivered_at: datetime | None
+    cancelled_at: datetime | None
+    events: list[OrderEventOut]
+
+
+class OrderPage(BaseModel):
+    items: list[OrderSummary]
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------- history and transitions
+
+
+async def _record(
+    session: AsyncSession,
+    order: Order,
+    previous: str | None,
+    actor: str,
+    actor_user_id: uuid.UUID | None,
+    reason: str | None,
+    now: datetime,
+) -> None:
+    session.add(
+        OrderEvent(
+            order_id=order.id,
+            from_status=previous,
+            to_status=order.status,
+            actor=actor,
+            actor_user_id=actor_user_id,
+            reason=reason,
+            created_at=now,
+        )
+    )
+    await outbox.emit(
+        session,
+        f"order.{order.status}",
+        order.id,
+        {
+            "order_id": str(order.id),
+            "user_id": str(order.user_id),
+            "store_id": str(order.store_id),
+            "from": previous,
+            "status": order.status,
+            "version": order.version,
+            "actor": actor,
+            "reason": reason,
+        },
+    )
+
+
+async def lock_order(session: AsyncSession, order_id: uuid.UUID) -> Order | None:
+    return (await session.scalars(select(Order).where(Order.id == order_id).with_for_update())).one_or_none()
+
+
+async def _lines(session: AsyncSession, order_id: uuid.UUID) -> Sequence[OrderLine]:
+    return (
+        await session.scalars(
+            select(OrderLine).where(OrderLine.order_id == order_id).order_by(OrderLine.product_id)
+        )
+    ).all()
+
+
+async def _move_stock(session: AsyncSession, order: Order, *, release: bool, consume: bool) -> None:
+    """Give back (`release`) or take off the shelf (`consume`) the order's reserved stock,
+    row by row in product order (the global lock order)."""
+    for line in await _lines(session, order.id):
+        values: dict[str, Any] = {"reserved": Inventory.reserved - line.quantity}
+        if consume:
+            values["on_hand"] = Inventory.on_hand - line.quantity
+        await session.execute(
+            update(Inventory)
+            .where(Inventory.store_id == order.store_id, Inventory.product_id == line.product_id)
+            .values(**values)
+        )
+    assert release or consume
+
+
+async def transition(
+    session: AsyncSession,
+    order: Order,
+    target: Status,
+    *,
+    actor: str,
+    actor_user_id: uuid.UUID | None = None,
+    reason: str | None = None,
+    expected_version: int | None = None,
+    now: datetime,
+) -> Order:
+    """Move a locked order to `target` if the table and the actor allow it, with what goes
+    with it: the reservation, timestamps, the history row and the domain event."""
+    if expected_version is not None and expected_version != order.version:
+        raise Conflict(
+            "The order changed since you read it",
+            code="version_conflict",
+            extra={"version": order.version, "status": order.status},
+        )
+    previous = Status(order.status)
+    check_transition(previous, target, actor)
+    if target in RELEASES_STOCK and order.reservation in ("held", "committed"):
+        await _move_stock(session, order, release=True, consume=False)
+        order.reservation = "released"
+        order.reservation_expires_at = None
+        # A cancelled order gives its coupon use back.
+        await session.execute(delete(CouponRedemption).where(CouponRedemption.order_id == order.id))
+    if target in FULFILS_STOCK and order.reservation == "committed":
+        await _move_stock(session, order, release=False, consume=True)
+        order.reservation = "fulfilled"
+    if target in COMMITS_STOCK and order.reservation == "held":
+        order.reservation = "committed"
+        order.reservation_expires_at = None
+    if target == S.placed:
+        order.placed_at = now
+        await session.execute(
+            update(User)
+            .where(User.id == order.user_id, User.first_order_at.is_(None))
+            .values(first_order_at=now)
+        )
+    elif target == S.delivered:
+        order.delivered_at = now
+    elif target == S.cancelled:
+        order.cancelled_at = now
+        order.cancel_reason = reason
+    order.status = target
+    order.version += 1
+    order.updated_at = now
+    await _record(session, order, previous, actor, actor_user_id, reason, now)
+    await session.flush()
+    return order
+
+
+async def cancel(
+    session: AsyncSession,
+    order: Order,
+    *,
+    actor: str,
+    actor_user_id: uuid.UUID | None,
+    reason: str | None,
+    expected_version: int | None = None,
+    now: datetime,
+) -> Order:
+    """Cancel a locked order: its stock and coupon use go back, and whatever was captured is
+    refunded in full (once: the refund's key is the cancellation)."""
+    await transition(
+        session,
+        order,
+        S.cancelled,
+        actor=actor,
+        actor_user_id=actor_user_id,
+        reason=reason,
+        expected_version=expected_version,
+        now=now,
+    )
+    payment = await _lock_payment(session, order.id)
+    if payment is not None and payment.captured_paise > payment.refund_reserved_paise:
+        await request_refund(
+            session,
+            payment,
+            amount_paise=None,
+            reason=f"order cancelled: {reason or actor}"[:200],
+            idempotency_key="order-cancelled",
+            requested_by=actor_user_id,
+        )
+    return order
+
+
+async def _lock_payment(session: AsyncSession, order_id: uuid.UUID) -> Payment | None:
+    return (
+        await session.scalars(select(Payment).where(Payment.order_id == order_id).with_for_update())
+    ).one_or_none()
+
+
+# ---------------------------------------------------------------- checkout
+
+
+class InsufficientStock(Conflict):
+    code = "insufficient_stock"
+
+
+def _snapshot(address: Address) -> dict[str, Any]:
+    return {
+        "label": address.label,
+        "line1": address.line1,
+        "line2": address.line2,
+        "landmark": address.landmark,
+        "city": address.city,
+        "pincode": address.pincode,
+        "lat": address.lat,
+        "lng": address.lng,
+    }
+
+
+def _unsellable(view: CartView) -> list[dict[str, Any]]:
+    return [
+        {
+            "product_id": str(line.product_id),
+            "requested": line.quantity,
+            "available_quantity": line.available_quantity,
+            "reason": line.unavailable_reason,
+        }
+        for line in view.lines
+        if not line.available
+    ]
+
+
+async def place_order(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    cart: CartState,
+    body: CheckoutIn,
+    settings: Settings,
+    now: datetime,
+) -> Order:
+    """Turn the cart snapshot into an order in the caller's transaction: prices, tax,
+    discount and fees recomputed here (never taken from the client), every line's stock
+    reserved or none, the coupon use counted under the coupon's row lock. Online orders wait
+    for payment holding their stock until `reservation_ttl_seconds`; cash-on-delivery orders
+    are placed at once."""
+    if body.tip_paise > settings.max_tip_paise:
+        raise Unprocessable(
+            f"A tip can be at most {settings.max_tip_paise} paise",
+            code="tip_too_large",
+            extra={"max_tip_paise": settings.max_tip_paise},
+        )
+    if not cart.lines:
+        raise Conflict("The cart is empty", code="cart_empty")
+    # Serialises one user's checkouts (NO KEY UPDATE: logins inserting sessions are not blocked).
+    await session.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    if (
+        await session.scalar(
+            select(Order.id).where(Order.user_id == user_id, Order.cart_version == cart.updated_at)
+        )
+    ) is not None:
+        raise Conflict("This cart has already been ordered", code="cart_already_ordered")
+    binding = await carts.bind_store(session, user_id, body.address_id, strict=True)
+    address = await session.get_one(Address, body.address_id)
+    if cart.coupon_code:
+        # Serialises checkouts using this coupon, so usage limits are counted exactly.
+        await session.execute(select(Coupon.code).where(Coupon.code == cart.coupon_code).with_for_update())
+    product_ids = sorted({line.product_id for line in cart.lines})
+    await session.execute(
+        select(Inventory.product_id)
+        .where(Inventory.store_id == binding.store.id, Inventory.product_id.in_(product_ids))
+        .order_by(Inventory.product_id)
+        .with_for_update()
+    )
+    ctx = CartContext(
+        binding=binding,
+        store_issue=None,
+        products=await carts.product_facts(session, binding.store.id, product_ids),
+        coupon=await carts.coupon_facts(session, cart.coupon_code, user_id) if cart.coupon_code else None,
+    )
+    view = carts.build_view(cart, ctx, settings, now)
+    if problems := _unsellable(view):
+        raise InsufficientStock(
+            "Some items cannot be sold in these quantities now", extra={"lines": problems}
+        )
+    if view.coupon is not None and not view.coupon.applied:
+        raise Unprocessable(
+            view.coupon.message or "The coupon no longer applies",
+            code=view.coupon.reason or "coupon_not_applicable",
+        )
+    # The conditional decrement is the guarantee; the locks above make it never fail here.
+    reserved = await session.execute(
+        text(
+            """
+            UPDATE inventory i SET reserved = i.reserved + v.quantity, updated_at = now()
+            FROM (SELECT unnest(CAST(:ids AS uuid[])) AS product_id,
+                         unnest(CAST(:quantities AS int[])) AS quantity) v
+            WHERE i.store_id = :store AND i.product_id = v.product_id
+              AND i.on_hand - i.reserved >= v.quantity
+            """
+        ),
+        {
+            "ids": [line.product_id for line in view.lines],
+            "quantities": [line.quantity for line in view.lines],
+            "store": binding.store.id,
+        },
+    )
+    if reserved.rowcount != len(view.lines):  # type: ignore[attr-defined]
+        raise InsufficientStock("Some items just sold out")
+    b = view.breakdown
+    online = body.payment_method == "online"
+    order = Order(
+        id=new_id(),
+        user_id=user_id,
+        store_id=binding.store.id,
+        address_id=address.id,
+        delivery_address=_snapshot(address),
+        status=S.pending_payment if online else S.placed,
+        version=1,
+        payment_method=body.payment_method,
+        items_mrp_paise=b.items_mrp_paise,
+        subtotal_paise=b.subtotal_paise,
+        coupon_code=cart.coupon_code if view.coupon else None,
+        coupon_discount_paise=b.coupon_discount_paise,
+        taxable_value_paise=b.taxable_value_paise,
+        gst_paise=b.gst_paise,
+        delivery_fee_paise=b.delivery_fee_paise,
+        small_cart_fee_paise=b.small_cart_fee_paise,
+        tip_paise=body.tip_paise,
+        total_paise=b.total_paise + body.tip_paise,
+        reservation="held" if online else "committed",
+        reservation_expires_at=now + timedelta(seconds=settings.reservation_ttl_seconds) if online else None,
+        cart_version=cart.updated_at,
+        created_at=now,
+        updated_at=now,
+        placed_at=None if online else now,
+    )
+    session.add(order)
+    session.add_all(
+        OrderLine(
+            order_id=order.id,
+            product_id=line.product_id,
+            position=i,
+            name=line.name or "",
+            unit=line.unit or "",
+            image=line.image,
+            quantity=line.quantity,
+            unit_price_paise=line.unit_price_paise,
+            unit_mrp_paise=line.unit_mrp_paise,
+            tax_rate_bp=line.tax_rate_bp,
+            line_total_paise=line.line_total_paise,
+            coupon_discount_paise=line.coupon_discount_paise,
+            taxable_value_paise=line.taxable_value_paise,
+            gst_paise=line.gst_paise,
+        )
+        for i, line in enumerate(view.lines)
+    )
+    session.add(open_payment(order.id, body.payment_method, order.total_paise))
+    if order.coupon_code:
+        session.add(CouponRedemption(coupon_code=order.coupon_code, user_id=user_id, order_id=order.id))
+    if not online:
+        await session.execute(
+            update(User).where(User.id == user_id, User.first_order_at.is_(None)).values(first_order_at=now)
+        )
+    await session.flush()
+    await _record(session, order, None, "customer", user_id, None, now)
+    return order
+
+
+# ---------------------------------------------------------------- reads
+
+
+async def order_out(session: AsyncSession, order: Order, settings: Settings) -> OrderOut:
+    store = (
+        await session.execute(
+            text("SELECT id, code, name FROM stores WHERE id = :id"), {"id": order.store_id}
+        )
+    ).one()
+    lines = (
+        await session.scalars(
+            select(OrderLine).where(OrderLine.order_id == order.id).order_by(OrderLine.position)
+        )
+    ).all()
+    events = (
+        await session.scalars(
+            select(OrderEvent).where(OrderEvent.order_id == order.id).order_by(OrderEvent.id)
+        )
+    ).all()
+    payment = (await session.scalars(select(Payment).where(Payment.order_id == order.id))).one_or_none()
+    return OrderOut(
+        id=order.id,
+        status=order.status,
+        version=order.version,
+        store=StoreRef(id=store.id, code=store.code, name=store.name),
+        delivery_address=order.delivery_address,
+        payment_method=order.payment_method,
+        coupon_code=order.coupon_code,
+        lines=[OrderLineOut.model_validate(line) for line in lines],
+        totals=OrderTotals.model_validate(order),
+        payment=PaymentOut.model_validate(payment) if payment else None,
+        razorpay_key_id=settings.razorpay_key_id if order.payment_method == "online" else None,
+        reservation_expires_at=order.reservation_expires_at,
+        cancel_reason=order.cancel_reason,
+        created_at=order.created_at,
+        updated_at=order.updated_at,
+        placed_at=order.placed_at,
+        delivered_at=order.delivered_at,
+        cancelled_at=order.cancelled_at,
+        events=[OrderEventOut.model_validate(e) for e in events],
+    )
+
+
+async def get_visible(session: AsyncSession, order_id: uuid.UUID, user: User, *, lock: bool = False) -> Order:
+    """The order if this user may see it: its customer, staff of its store, ops and admins.
+    Anyone else gets the same 404 as for a missing order."""
+    stmt = select(Order).where(Order.id == order_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    order = (await session.scalars(stmt)).one_or_none()
+    if order is None or not can_see(order, user):
+        raise order_not_found()
+    return order
+
+
+def order_not_found() -> NotFound:
+    return NotFound("No such order", code="order_not_found")
+
+
+def staff_only() -> Forbidden:
+    return Forbidden("Only store staff, ops and admins move orders along", code="forbidden_role")
+
+
+def can_see(order: Order, user: User) -> bool:
+    if order.user_id == user.id or user.role in (Role.admin, Role.ops):
+        return True
+    return user.role == Role.staff and user.store_id == order.store_id
+
+
+def _encode_cursor(created_at: datetime, order_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(order_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, oid = json.loads(raw)
+        return datetime.fromisoformat(created), uuid.UUID(oid)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest("The cursor is not valid", code="invalid_cursor") from exc
+
+
+async def list_orders(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID | None = None,
+    store_id: uuid.UUID | None = None,
+    status: str | None = None,
+    cursor: str | None,
+    limit: int,
+) -> OrderPage:
+    """Newest first, keyset-paged on (created_at, id)."""
+    count = (
+        select(func.coalesce(func.sum(OrderLine.quantity), 0))
+        .where(OrderLine.order_id == Order.id)
+        .scalar_subquery()
+    )
+    stmt = (
+        select(Order, count.label("items"))
+        .order_by(Order.created_at.desc(), Order.id.desc())
+        .limit(limit + 1)
+    )
+    if user_id is not None:
+        stmt = stmt.where(Order.user_id == user_id)
+    if store_id is not None:
+        stmt = stmt.where(Order.store_id == store_id)
+    if status is not None:
+        stmt = stmt.where(Order.status == status)
+    if cursor:
+        created, oid = _decode_cursor(cursor)
+        stmt = stmt.where(tuple_(Order.created_at, Order.id) < tuple_(created, oid))
+    rows = (await session.execute(stmt)).all()
+    items = [
+        OrderSummary(
+            id=o.id,
+            status=o.status,
+            version=o.version,
+            store_id=o.store_id,
+            payment_method=o.payment_method,
+            total_paise=o.total_paise,
+            item_count=int(n),
+            created_at=o.created_at,
+        )
+        for o, n in rows[:limit]
+    ]
+    last = rows[limit - 1][0] if len(rows) > limit else None
+    return OrderPage(items=items, next_cursor=_encode_cursor(last.created_at, last.id) if last else None)
+
+
+# ---------------------------------------------------------------- payment effects on orders
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What applying a gateway fact did (for logs and tests)."""
+
+    applied: bool
+    detail: str
+
+
+async def payment_captured(
+    session: AsyncSession,
+    *,
+    razorpay_order_id: str,
+    razorpay_payment_id: str,
+    amount_paise: int,
+    currency: str,
+    now: datetime,
+) -> Outcome:
+    """The gateway captured money for one of our orders. Idempotent; never moves an order
+    backwards: an order cancelled meanwhile (e.g. its reservation expired) gets the money
+    refunded instead of being revived."""
+    order_id = await session.scalar(
+        select(Payment.order_id).where(Payment.razorpay_order_id == razorpay_order_id)
+    )
+    if order_id is None:
+        return Outcome(False, "unknown gateway order")
+    order = await lock_order(session, order_id)
+    payment = await _lock_payment(session, order_id)
+    assert order is not None and payment is not None
+    if payment.captured_paise > 0:
+        if payment.razorpay_payment_id == razorpay_payment_id:
+            return Outcome(False, "already captured")
+        # A second payment on one gateway order: give it back.
+        return Outcome(False, "second capture on a paid order: refund it at the gateway by hand")
+    if amount_paise != payment.amount_paise or currency != payment.currency:
+        return Outcome(False, "amount or currency does not match the order")
+    payment.status = PaymentStatus.captured
+    payment.captured_paise = amount_paise
+    payment.razorpay_payment_id = razorpay_payment_id
+    payment.captured_at = now
+    payment.failure_reason = None
+    if order.status in (S.pending_payment, S.payment_failed):
+        await transition(session, order, S.placed, actor="gateway", reason="payment captured", now=now)
+        return Outcome(True, "order placed")
+    await request_refund(
+        session,
+        payment,
+        amount_paise=None,
+        reason=f"paid after the order was {order.status}",
+        idempotency_key="late-capture",
+        requested_by=None,
+    )
+    await session.flush()
+    return Outcome(True, "late capture refunded")
+
+
+async def payment_failed(
+    session: AsyncSession, *, razorpay_order_id: str, reason: str | None, now: datetime
+) -> Outcome:
+    """A payment attempt failed. Changes nothing once money was captured (a late failure
+    event cannot undo a capture); otherwise the order shows the failure and keeps its stock
+    until the reservation expires, since the customer may try again."""
+    order_id = await session.scalar(
+        select(Payment.order_id).where(Payment.razorpay_order_id == razorpay_order_id)
+    )
+    if order_id is None:
+        return Outcome(False, "unknown gateway order")
+    order = await lock_order(session, order_id)
+    payment = await _lock_payment(session, order_id)
+    assert order is not None and payment is not None
+    if payment.status not in (PaymentStatus.created, PaymentStatus.failed):
+        return Outcome(False, f"payment already {payment.status}")
+    payment.status = PaymentStatus.failed
+    payment.failure_reason = (reason or "payment failed")[:200]
+    if order.status == S.pending_payment:
+        await transition(
+            session, order, S.payment_failed, actor="gateway", reason=payment.failure_reason, now=now
+        )
+        return Outcome(True, "order payment_failed")
+    await session.flush()
+    return Outcome(True, "payment failed recorded")
+
+
+async def refund_settled(
+    session: AsyncSession,
+    refund_id: uuid.UUID,
+    *,
+    processed: bool,
+    razorpay_refund_id: str | None,
+    failure_reason: str | None,
+    now: datetime,
+) -> Outcome:
+    """A refund finished at the gateway. The order's refunded amount follows, and a delivered
+    order becomes partially_refunded or refunded."""
+    order_id = await session.scalar(
+        select(Payment.order_id).join(Refund, Refund.payment_id == Payment.id).where(Refund.id == refund_id)
+    )
+    if order_id is None:
+        return Outcome(False, "unknown refund")
+    order = await lock_order(session, order_id)
+    await _lock_payment(session, order_id)
+    assert order is not None
+    refund = await settle_refund(
+        session,
+        refund_id,
+        processed=processed,
+        razorpay_refund_id=razorpay_refund_id,
+        failure_reason=failure_reason,
+        now=now,
+    )
+    if refund is None:
+        return Outcome(False, "refund already settled")
+    if not processed:
+        return Outcome(True, "refund failed")
+    order.refunded_paise += refund.amount_paise
+    if order.status in (S.delivered, S.partially_refunded):
+        target = S.refunded if order.refunded_paise >= order.total_paise else S.partially_refunded
+        await transition(session, order, target, actor="system", reason=refund.reason, now=now)
+    else:
+        order.updated_at = now
+        await session.flush()
+    return Outcome(True, "refund processed")
+
+
+# ---------------------------------------------------------------- sweeping
+
+
+async def expired_reservations(session: AsyncSession, now: datetime, limit: int = 100) -> list[uuid.UUID]:
+    return list(
+        (
+            await session.scalars(
+                select(Order.id)
+                .where(Order.reservation == "held", Order.reservation_expires_at <= now)
+                .order_by(Order.reservation_expires_at)
+                .limit(limit)
+            )
+        ).all()
+    )
+
+
+async def expire_reservation(session: AsyncSession, order_id: uuid.UUID, now: datetime) -> bool:
+    """Cancel an unpaid order whose reservation ran out, releasing its stock. Skips an order
+    another transaction holds (it is being paid or cancelled right now)."""
+    order = (
+        await session.scalars(select(Order).where(Order.id == order_id).with_for_update(skip_locked=True))
+    ).one_or_none()
+    if order is None or order.reservation != "held" or order.reservation_expires_at is None:
+        return False
+    if order.reservation_expires_at > now:
+        return False
+    await cancel(
+        session, order, actor="system", actor_user_id=None, reason="payment not received in time", now=now
+    )
+    return True
+
+
+def user_store_scope(user: User, store_id: uuid.UUID) -> None:
+    """Staff act only for their own store; ops and admins for every store."""
+    if user.role in (Role.admin, Role.ops):
+        return
+    if user.role == Role.staff and user.store_id == store_id:
+        return
+    raise Forbidden("You are not allowed to act for this store", code="forbidden_role")
+
+
+# ---------------------------------------------------------------- gateway workflows
+#
+# These span transactions: a gateway call never runs inside one (no row lock is held across
+# the network). Each takes a sessionmaker and commits its own phases.
+
+
+class GatewayPort(Protocol):
+    """What the workflows need of the gateway adapter (`models.gateway.RazorpayClient`)."""
+
+    async def create_order(
+        self, amount: int, currency: str, receipt: str, notes: dict[str, str]
+    ) -> GatewayOrder: ...
+
+    async def order_payments(self, order_id: str) -> list[GatewayPayment]: ...
+
+    async def refund(
+        self,
+        payment_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        notes: dict[str, str] | None = None,
+        receipt: str | None = None,
+    ) -> GatewayRefund: ...
+
+    async def fetch_refund(self, refund_id: str) -> GatewayRefund: ...
+
+
+CHECKOUT_SCOPE = "orders.create"
+
+
+async def checkout(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: GatewayPort,
+    *,
+    user_id: uuid.UUID,
+    key: str,
+    body: CheckoutIn,
+    settings: Settings,
+    load_cart: Callable[[], Awaitable[CartState]],
+    consume_cart: Callable[[CartState], Awaitable[None]],
+) -> tuple[int, bytes, bool]:
+    """POST /orders under an idempotency key, in atomic phases (see `models.idempotency`):
+    claim the key; create the order with its stock and the recovery point in one
+    transaction; for online payment create the gateway order outside any transaction and
+    store it with the response. Returns (status, body bytes, replayed)."""
+    ttl = timedelta(seconds=settings.idempotency_ttl_seconds)
+    async with sessions() as s:
+        claim = await idempotency.claim(
+            s,
+            user_id=user_id,
+            scope=CHECKOUT_SCOPE,
+            key=key,
+            body_fingerprint=idempotency.fingerprint(body.model_dump_json().encode()),
+            now=utcnow(),
+            ttl=ttl,
+        )
+        await s.commit()
+    if claim.replay_body is not None:
+        return claim.replay_status or 201, claim.replay_body, True
+    try:
+        order_id = claim.resource_id
+        if order_id is None:
+            cart = await load_cart()
+            async with sessions() as s:
+                order = await place_order(
+                    s, user_id=user_id, cart=cart, body=body, settings=settings, now=utcnow()
+                )
+                await idempotency.record(s, claim, order.id)
+                response = None
+                if order.payment_method == "cod":
+                    response = (await order_out(s, order, settings)).model_dump_json().encode()
+                    await idempotency.complete(s, claim, 201, response)
+                await s.commit()
+            claim = replace(claim, resource_id=order.id)
+            # Only now that the order exists does the cart let go of what it bought.
+            await consume_cart(cart)
+            if response is not None:
+                return 201, response, False
+            order_id = order.id
+        async with sessions() as s:
+            order = await s.get_one(Order, order_id)
+            payment = await payment_for_order(s, order_id)
+        assert payment is not None
+        gateway_order_id = payment.razorpay_order_id
+        if gateway_order_id is None and order.status == S.pending_payment:
+            created = await gateway.create_order(
+                amount=payment.amount_paise,
+                currency=payment.currency,
+                receipt=str(order_id),
+                notes={"order_id": str(order_id)},
+            )
+            gateway_order_id = created.id
+        async with sessions() as s:
+            if gateway_order_id is not None:
+                await s.execute(
+                    update(Payment)
+                    .where(Payment.order_id == order_id, Payment.razorpay_order_id.is_(None))
+                    .values(razorpay_order_id=gateway_order_id)
+                )
+            order = await s.get_one(Order, order_id)
+            response = (await order_out(s, order, settings)).model_dump_json().encode()
+            await idempotency.complete(s, claim, 201, response)
+            await s.commit()
+        return 201, response, False
+    except Exception:
+        async with sessions() as s:
+            await idempotency.release(s, claim)
+            await s.commit()
+        raise
+
+
+async def apply_gateway_event(session: AsyncSession, event_id: str, now: datetime) -> Outcome:
+    """The payments subscriber's effect for one recorded webhook event: applied at most once
+    (the event row is locked and marked processed in the same transaction as the effect)."""
+    row = (
+        await session.scalars(select(GatewayEvent).where(GatewayEvent.event_id == event_id).with_for_update())
+    ).one_or_none()
+    if row is None or row.processed_at is not None:
+        return Outcome(False, "already processed")
+    row.processed_at = now
+    event = WebhookEvent.model_validate(row.payload)
+    payment = event.payload.payment.entity if event.payload.payment else None
+    refund = event.payload.refund.entity if event.payload.refund else None
+    if event.event in ("payment.captured", "order.paid") and payment is not None and payment.order_id:
+        return await payment_captured(
+            session,
+            razorpay_order_id=payment.order_id,
+            razorpay_payment_id=payment.id,
+            amount_paise=payment.amount,
+            currency=payment.currency,
+            now=now,
+        )
+    if event.event == "payment.failed" and payment is not None and payment.order_id:
+        return await payment_failed(
+            session,
+            razorpay_order_id=payment.order_id,
+            reason=payment.error_description or payment.error_reason,
+            now=now,
+        )
+    if event.event in ("refund.processed", "refund.failed") and refund is not None:
+        refund_id = await _our_refund_id(session, refund)
+        if refund_id is None:
+            return Outcome(False, "unknown refund")
+        return await refund_settled(
+            session,
+            refund_id,
+            processed=event.event == "refund.processed",
+            razorpay_refund_id=refund.id,
+            failure_reason="refund failed at the gateway",
+            now=now,
+        )
+    await session.flush()
+    return Outcome(False, f"{event.event} needs no action")
+
+
+async def _our_refund_id(session: AsyncSession, refund: GatewayRefund) -> uuid.UUID | None:
+    """Our refund for a gateway refund: by its gateway id, or by the id we put in its notes
+    (a webhook can arrive before the API reply that told us the gateway id)."""
+    found = await session.scalar(select(Refund.id).where(Refund.razorpay_refund_id == refund.id))
+    if found is not None:
+        return found
+    try:
+        return uuid.UUID(str((refund.notes or {}).get("refund_id", "")))
+    except ValueError:
+        return None
+
+
+async def submit_refund(
+    sessions: async_sessionmaker[AsyncSession], gateway: GatewayPort, refund_id: uuid.UUID
+) -> Outcome:
+    """Send a requested refund to the gateway. Safe to repeat: the gateway dedupes on our
+    refund id (`X-Refund-Idempotency`), and settling is conditional. A gateway that is down
+    raises, so the relay retries later; a gateway that refuses fails the refund for good."""
+    async with sessions() as s:
+        row = (
+            await s.execute(
+                select(Refund, Payment.razorpay_payment_id)
+                .join(Payment, Payment.id == Refund.payment_id)
+                .where(Refund.id == refund_id)
+            )
+        ).one_or_none()
+    if row is None or row[0].status != "pending" or row[1] is None:
+        return Outcome(False, "nothing to submit")
+    refund: Refund = row[0]
+    try:
+        result = await gateway.refund(
+            row[1],
+            refund.amount_paise,
+            idempotency_key=str(refund.id),
+            notes={"refund_id": str(refund.id), "order_id": str(refund.order_id)},
+        )
+    except GatewayRejected as exc:
+        async with sessions() as s:
+            outcome = await refund_settled(
+                s,
+                refund.id,
+                processed=False,
+                razorpay_refund_id=None,
+                failure_reason=exc.message,
+                now=utcnow(),
+            )
+            await s.commit()
+        return outcome
+    return await _settle_from_gateway(sessions, refund.id, result)
+
+
+async def _settle_from_gateway(
+    sessions: async_sessionmaker[AsyncSession], refund_id: uuid.UUID, result: GatewayRefund
+) -> Outcome:
+    async with sessions() as s:
+        if result.status in ("processed", "failed"):
+            outcome = await refund_settled(
+                s,
+                refund_id,
+                processed=result.status == "processed",
+                razorpay_refund_id=result.id,
+                failure_reason="refund failed at the gateway",
+                now=utcnow(),
+            )
+        else:
+            await s.execute(
+                update(Refund)
+                .where(Refund.id == refund_id, Refund.razorpay_refund_id.is_(None))
+                .values(razorpay_refund_id=result.id)
+            )
+            outcome = Outcome(True, "refund pending at the gateway")
+        await s.commit()
+    return outcome
+
+
+async def reconcile(
+    sessions: async_sessionmaker[AsyncSession], gateway: GatewayPort, settings: Settings, *, limit: int = 100
+) -> int:
+    """Ask the gateway about payments and refunds still pending after `reconcile_after_seconds`,
+    so a dropped webhook cannot strand an order. Returns how many facts were applied."""
+    cutoff = utcnow() - timedelta(seconds=settings.reconcile_after_seconds)
+    async with sessions() as s:
+        pending_orders = (
+            await s.scalars(
+                select(Payment.razorpay_order_id)
+                .join(Order, Order.id == Payment.order_id)
+                .where(
+                    Payment.status.in_([PaymentStatus.created, PaymentStatus.failed]),
+                    Payment.razorpay_order_id.is_not(None),
+                    Order.status.in_([S.pending_payment, S.payment_failed]),
+                    Payment.created_at <= cutoff,
+                )
+                .limit(limit)
+            )
+        ).all()
+        pending_refunds = (
+            await s.execute(
+                select(Refund.id, Refund.razorpay_refund_id).where(
+                    Refund.status == "pending",
+                    Refund.razorpay_refund_id.is_not(None),
+                    Refund.created_at <= cutoff,
+                )
+            )
+        ).all()
+    applied = 0
+    for gateway_order_id in pending_orders:
+        assert gateway_order_id is not None
+        try:
+            attempts = await gateway.order_payments(gateway_order_id)
+        except GatewayUnavailable:
+            continue
+        captured = next((p for p in attempts if p.captured or p.status == "captured"), None)
+        async with sessions() as s:
+            if captured is not None:
+                outcome = await payment_captured(
+                    s,
+                    razorpay_order_id=gateway_order_id,
+                    razorpay_payment_id=captured.id,
+                    amount_paise=captured.amount,
+                    currency=captured.currency,
+                    now=utcnow(),
+                )
+            elif attempts and all(p.status == "failed" for p in attempts):
+                outcome = await payment_failed(
+                    s, razorpay_order_id=gateway_order_id, reason=attempts[-1].error_description, now=utcnow()
+                )
+            else:
+                outcome = Outcome(False, "still pending")
+            await s.commit()
+        applied += outcome.applied
+    for refund_id, gateway_refund_id in pending_refunds:
+        assert gateway_refund_id is not None
+        try:
+            result = await gateway.fetch_refund(gateway_refund_id)
+        except GatewayUnavailable:
+            continue
+        applied += (await _settle_from_gateway(sessions, refund_id, result)).applied
+    return applied
