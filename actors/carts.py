@@ -226,6 +226,23 @@ class CartShard:
 
         return await self._run(user_id, lambda s, ctx: carts.choose_address(s, ctx, utcnow()), load)
 
+    @ray.method(max_task_retries=RETRY)
+    async def snapshot(self, user_id: uuid.UUID) -> CartState:
+        """The cart as stored (lines, coupon, address and its version, `updated_at`): what
+        checkout prices and orders."""
+        async with self._slot(user_id) as slot:
+            assert slot.state is not None
+            return slot.state
+
+    async def consume(self, user_id: uuid.UUID, ordered: CartState) -> None:
+        """Take what an order bought out of the cart. Unchanged since the snapshot: emptied
+        (the address stays). Changed meanwhile (an add during checkout): only the ordered
+        quantities go, so nothing added later is lost. Not retried: it subtracts."""
+        async with self._slot(user_id) as slot:
+            state = slot.state
+            assert state is not None
+            await self._save(slot, carts.consume(state, ordered, utcnow()))
+
     async def stats(self) -> ShardStats:
         return ShardStats(index=self.index, pid=os.getpid(), carts_in_memory=len(self._slots))
 

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     outbox_backoff_base_seconds: float = Field(default=0.5, gt=0)
     outbox_backoff_max_seconds: float = Field(default=300, gt=0)
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    # A claimed event is delivered again if not settled within this (the relay died).
+    outbox_lease_seconds: float = Field(default=30, gt=0)
     outbox_retention_days: int = Field(default=7, ge=1)
 
     admin_phone: str = DEV_ADMIN_PHONE

@@ -1,0 +1,170 @@
+"""The outbox relay: one named, detached actor that delivers outbox events (see
+`models.outbox`) at-least-once to the Serve applications subscribed to their topics, calling
+each subscriber's `consume(event)` through a DeploymentHandle.
+
+It wakes on PostgreSQL NOTIFY (sent by the committing transaction) and polls as a fallback.
+Claimed events are leased, not removed: if the relay dies mid-delivery (it restarts,
+`max_restarts=-1`), the lease runs out and they are delivered again; subscribers are
+idempotent. A failing subscriber is retried with exponential backoff and jitter; after
+`outbox_max_attempts` the event is dead-lettered (status `dead`) for ops to requeue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any
+
+import ray
+from ray import serve
+from ray.actor import ActorHandle
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+from config.settings import Settings, get_settings
+from models import outbox
+from models.carts import Strict
+from models.db import make_engine, make_sessionmaker
+
+log = logging.getLogger("vurksha.outbox")
+
+NAMESPACE = "vurksha"
+RELAY_NAME = "outbox-relay"
+BATCH = 64
+CONCURRENCY = 32
+DELIVERY_TIMEOUT_S = 20.0
+
+
+class RelayStats(Strict):
+    pid: int
+    paused: bool
+    delivered: int
+    failed_attempts: int
+    dead: int
+
+
+@ray.remote(num_cpus=0.05, max_restarts=-1, max_task_retries=-1)
+class OutboxRelay:
+    def __init__(self) -> None:
+        self.settings: Settings = get_settings()
+        assert self.settings.database_url, "DATABASE_URL must be set"
+        engine = make_engine(self.settings.database_url, pool_size=2, max_overflow=2)
+        self._sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(engine)
+        self._engine = engine
+        self._listener: AsyncConnection | None = None
+        self._wake = asyncio.Event()
+        self._paused = False
+        self._handles: dict[str, Any] = {}
+        self._stats = {"delivered": 0, "failed_attempts": 0, "dead": 0}
+        # Async actors run __init__ on their event loop: the loop starts with the actor, and
+        # again with every restart.
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # ------------------------------------------------------------ control
+
+    async def kick(self) -> None:
+        """Look for due events now."""
+        self._wake.set()
+
+    async def pause(self) -> None:
+        """Stop delivering (events accumulate, nothing is lost). A restart resumes."""
+        self._paused = True
+
+    async def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    async def stats(self) -> RelayStats:
+        return RelayStats(pid=os.getpid(), paused=self._paused, **self._stats)
+
+    # ------------------------------------------------------------ the loop
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.closed:
+            return
+        self._listener = await self._engine.connect()
+        raw = await self._listener.get_raw_connection()
+        await raw.driver_connection.add_listener(  # type: ignore[union-attr]
+            outbox.NOTIFY_CHANNEL, lambda *_: self._wake.set()
+        )
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._listen()
+                if not self._paused and await self._pump():
+                    continue  # there may be more due right away
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.outbox_poll_seconds)
+                except TimeoutError:
+                    pass
+            except Exception:
+                log.exception("outbox relay loop failed; retrying")
+                self._listener = None
+                await asyncio.sleep(1)
+
+    async def _pump(self) -> int:
+        async with self._sessions() as session:
+            batch = await outbox.claim(session, limit=BATCH, lease_seconds=self.settings.outbox_lease_seconds)
+            await session.commit()
+        if not batch:
+            return 0
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(event: outbox.Event, subscribers: list[str]) -> None:
+            async with gate:
+                remaining, error = await self._deliver(event, subscribers)
+            async with self._sessions() as session:
+                status = await outbox.settle(
+                    session,
+                    event,
+                    remaining,
+                    error,
+                    max_attempts=self.settings.outbox_max_attempts,
+                    base=self.settings.outbox_backoff_base_seconds,
+                    cap=self.settings.outbox_backoff_max_seconds,
+                )
+                await session.commit()
+            if status == "delivered":
+                self._stats["delivered"] += 1
+            elif status == "dead":
+                self._stats["dead"] += 1
+                log.error("outbox event %d (%s) dead-lettered: %s", event.id, event.topic, error)
+
+        await asyncio.gather(*(one(event, subscribers) for event, subscribers in batch))
+        return len(batch)
+
+    async def _deliver(self, event: outbox.Event, subscribers: list[str]) -> tuple[list[str], str | None]:
+        remaining: list[str] = []
+        errors: list[str] = []
+        for app in subscribers:
+            try:
+                handle = self._handles.get(app)
+                if handle is None:
+                    handle = self._handles[app] = serve.get_deployment_handle(app, app_name=app)
+                await asyncio.wait_for(handle.consume.remote(event), timeout=DELIVERY_TIMEOUT_S)
+            except Exception as exc:  # any failure is retried; the reason is kept for ops
+                self._stats["failed_attempts"] += 1
+                remaining.append(app)
+                errors.append(f"{app}: {type(exc).__name__}: {str(exc)[:300]}")
+        return remaining, "; ".join(errors) or None
+
+
+# ---------------------------------------------------------------- callers' side
+
+_relay: ActorHandle | None = None
+_relay_lock = threading.Lock()
+
+
+def relay() -> ActorHandle:
+    """The relay actor, created on first use by whichever process asks first (replicas of
+    several applications may race; get_if_exists makes them agree on one)."""
+    global _relay
+    with _relay_lock:
+        if _relay is None:
+            _relay = OutboxRelay.options(  # type: ignore[attr-defined]
+                name=RELAY_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+            ).remote()
+        return _relay
