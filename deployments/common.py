@@ -16,7 +16,7 @@ from functools import cached_property
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,6 +35,7 @@ from config.settings import Settings, get_settings
 from models import users
 from models.db import make_engine, make_sessionmaker, utcnow
 from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
+from models.gateway import RazorpayClient, make_gateway
 from models.notifications import SmsProvider, make_sms_provider
 from models.tokens import AccessClaims, TokenService
 
@@ -68,6 +69,10 @@ class Resources:
     @cached_property
     def sms(self) -> SmsProvider:
         return make_sms_provider(self.settings, self.redis)
+
+    @cached_property
+    def gateway(self) -> RazorpayClient:
+        return make_gateway(self.settings)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -391,9 +396,18 @@ class Health(BaseModel):
     checks: dict[str, str]
 
 
-def create_api(service: str, *, title: str, description: str, rate_limited: bool = True) -> FastAPI:
-    """A FastAPI app with the shared behaviour every service has. `rate_limited=False` is for
-    stand-ins of third parties (the sandbox gateway), whose callers are our own services."""
+def create_api(
+    service: str,
+    *,
+    title: str,
+    description: str,
+    unlimited: APIRouter | None = None,
+    rate_limited: bool = True,
+) -> FastAPI:
+    """A FastAPI app with the shared behaviour every service has. Routes of `unlimited` skip
+    the generic rate limits (machine callers that authenticate otherwise, e.g. signed
+    webhooks from a payment gateway that must never be dropped); `rate_limited=False` drops
+    them for the whole app (stand-ins of third parties, whose callers are our own services)."""
     api = FastAPI(
         title=title,
         description=description,
@@ -430,6 +444,8 @@ def create_api(service: str, *, title: str, description: str, rate_limited: bool
             return body
         return JSONResponse(body.model_dump(), status_code=503)
 
+    if unlimited is not None:
+        api.include_router(unlimited)
     # Every route added from here on is rate limited; health probes above are not.
     if rate_limited:
         api.router.dependencies.append(RateLimited)
@@ -456,9 +472,14 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 }
 
 
-def serve_builder(api: FastAPI, name: str) -> Callable[[dict[str, Any]], Application]:
-    """The builder `serve.yaml` imports (`import_path: deployments.<name>:app`)."""
-    ingress_cls = type(f"{name.title()}Ingress", (_Ingress,), {"__doc__": api.description})
+def serve_builder(
+    api: FastAPI, name: str, mixin: type | None = None
+) -> Callable[[dict[str, Any]], Application]:
+    """The builder `serve.yaml` imports (`import_path: deployments.<name>:app`). `mixin` adds
+    methods other deployments and actors call through handles (e.g. an outbox subscriber's
+    `consume`), and may start what the service needs in its `__init__`."""
+    bases = (mixin, _Ingress) if mixin is not None else (_Ingress,)
+    ingress_cls = type(f"{name.title().replace('_', '')}Ingress", bases, {"__doc__": api.description})
     deployment = serve.deployment(name=name, **INGRESS_DEFAULTS)(serve.ingress(api)(ingress_cls))
 
     def build(args: dict[str, Any] | None = None) -> Application:

@@ -1,10 +1,199 @@
-"""Orders service (`/orders`): checkout, order lifecycle, history, cancellations and refunds."""
+"""Orders service (`/orders`): checkout, the order lifecycle, history, cancellation.
 
-from deployments.common import create_api, serve_builder
+Checkout is the one route that manages its own transactions (idempotency phases, and a
+gateway call that must not run inside a transaction); see `models.orders.checkout`. The
+orders replicas also make sure the background actors exist: the outbox relay and the
+janitor (reservation expiry, payment reconciliation, purges)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import Header, Query, Response
+
+from actors.carts import call, get_shard
+from actors.jobs import janitor
+from actors.outbox import relay
+from deployments.common import CurrentUser, Db, create_api, resources, serve_builder
+from models import idempotency, orders
+from models.carts import CartState
+from models.db import utcnow
+from models.errors import AppError
+from models.orders import CancelIn, CheckoutIn, OrderOut, OrderPage, TransitionIn
+
+log = logging.getLogger("vurksha.orders")
 
 api = create_api(
     "orders",
     title="Vurksha orders",
-    description="Checkout, order lifecycle, history, cancellations and refunds.",
+    description="Checkout with idempotency keys and stock reservation, the order lifecycle, history.",
 )
-app = serve_builder(api, "orders")
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Required. A unique key per checkout attempt (e.g. a UUID); retries reuse it.",
+    ),
+]
+
+
+@api.post(
+    "",
+    status_code=201,
+    response_model=OrderOut,
+    tags=["orders"],
+    responses={201: {"headers": {"Idempotent-Replayed": {"schema": {"type": "string"}}}}},
+)
+async def checkout(body: CheckoutIn, principal: CurrentUser, idempotency_key: IdempotencyKey) -> Response:
+    """Turn the caller's cart into an order for delivery to `address_id` (one of the caller's
+    addresses). Prices, tax, discount and fees are recomputed from the cart now; every line's
+    stock is reserved at the serving store, or none is (409 `insufficient_stock`, with the
+    lines). Online orders start `pending_payment` with `payment.razorpay_order_id` for the
+    gateway's checkout and hold their stock until `reservation_expires_at`; cash on delivery
+    is `placed` at once.
+
+    Idempotency: the same key and body within 24 h replays the first response byte for byte
+    (`Idempotent-Replayed: true`); the same key while the first is running is 409
+    `idempotency_in_flight`; the same key with another body is 422 `idempotency_key_reused`.
+    A failed attempt (4xx) can be retried with the same key. Other errors: 400
+    `idempotency_key_required`, 409 `cart_empty`, `cart_already_ordered`, 404
+    `address_not_found`, 422 `not_serviceable`, `tip_too_large`, coupon codes (422)."""
+    key = idempotency.validate_key(idempotency_key)
+    res = resources()
+    shard = await get_shard(principal.id)
+
+    async def load_cart() -> CartState:
+        state: CartState = await call(shard.snapshot.remote(principal.id))
+        return state
+
+    async def consume_cart(cart: CartState) -> None:
+        try:
+            await call(shard.consume.remote(principal.id, cart))
+        except AppError:
+            # The order stands; the cart keeps its lines (and cannot be ordered twice: its
+            # version is taken). The customer sees them and clears them.
+            log.warning("cart not emptied after checkout for user %s", principal.id)
+
+    status, content, replayed = await orders.checkout(
+        res.sessionmaker,
+        res.gateway,
+        user_id=principal.id,
+        key=key,
+        body=body,
+        settings=res.settings,
+        load_cart=load_cart,
+        consume_cart=consume_cart,
+    )
+    return Response(
+        content=content,
+        status_code=status,
+        media_type="application/json",
+        headers={"Idempotent-Replayed": "true" if replayed else "false"},
+    )
+
+
+@api.get("", response_model=OrderPage, tags=["orders"])
+async def my_orders(
+    principal: CurrentUser,
+    db: Db,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=50)] = 20,
+) -> OrderPage:
+    """The caller's orders, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    return await orders.list_orders(db, user_id=principal.id, cursor=cursor, limit=limit)
+
+
+@api.get("/stores/{store_id}", response_model=OrderPage, tags=["staff"])
+async def store_orders(
+    store_id: uuid.UUID,
+    principal: CurrentUser,
+    db: Db,
+    status: Annotated[orders.Status | None, Query()] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+) -> OrderPage:
+    """A store's orders, newest first, optionally by status: staff of that store, ops and
+    admins (403 `forbidden_role` otherwise)."""
+    orders.user_store_scope(principal.user, store_id)
+    return await orders.list_orders(db, store_id=store_id, status=status, cursor=cursor, limit=limit)
+
+
+@api.get("/{order_id}", response_model=OrderOut, tags=["orders"])
+async def get_order(order_id: uuid.UUID, principal: CurrentUser, db: Db) -> OrderOut:
+    """One order with its lines, totals, payment and history. Someone else's order is a 404."""
+    order = await orders.get_visible(db, order_id, principal.user)
+    return await orders.order_out(db, order, resources().settings)
+
+
+@api.post("/{order_id}/cancel", response_model=OrderOut, tags=["orders"])
+async def cancel_order(order_id: uuid.UUID, body: CancelIn, principal: CurrentUser, db: Db) -> OrderOut:
+    """Cancel your order before it is out for delivery: its stock is released, its coupon use
+    given back, and anything paid refunded in full. 409 `invalid_transition` once it is out
+    for delivery (or already cancelled), 409 `version_conflict` when `version` is stale."""
+    order = await orders.get_visible(db, order_id, principal.user, lock=True)
+    if order.user_id != principal.id:
+        raise orders.order_not_found()
+    await orders.cancel(
+        db,
+        order,
+        actor="customer",
+        actor_user_id=principal.id,
+        reason=body.reason,
+        expected_version=body.version,
+        now=utcnow(),
+    )
+    return await orders.order_out(db, order, resources().settings)
+
+
+@api.post("/{order_id}/transitions", response_model=OrderOut, tags=["staff"])
+async def transition_order(
+    order_id: uuid.UUID, body: TransitionIn, principal: CurrentUser, db: Db
+) -> OrderOut:
+    """Move an order along as the store: `confirmed`, `packed`, `out_for_delivery` (the
+    stock leaves the shelf), `delivered`, or `cancelled` (refunded if paid). Staff of the
+    order's store, ops and admins. 409 `invalid_transition` for a move the lifecycle does not
+    allow, 409 `version_conflict` when `version` is stale."""
+    order = await orders.get_visible(db, order_id, principal.user, lock=True)
+    actor = orders.actor_for_role(principal.role)
+    if actor == "customer":
+        raise orders.order_not_found() if order.user_id != principal.id else orders.staff_only()
+    orders.user_store_scope(principal.user, order.store_id)
+    target = orders.Status(body.to)
+    now = utcnow()
+    if target == orders.Status.cancelled:
+        await orders.cancel(
+            db,
+            order,
+            actor=actor,
+            actor_user_id=principal.id,
+            reason=body.reason,
+            expected_version=body.version,
+            now=now,
+        )
+    else:
+        await orders.transition(
+            db,
+            order,
+            target,
+            actor=actor,
+            actor_user_id=principal.id,
+            reason=body.reason,
+            expected_version=body.version,
+            now=now,
+        )
+    return await orders.order_out(db, order, resources().settings)
+
+
+class _Background:
+    """Orders replicas make sure the relay and the janitor run (created once, detached)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        relay()
+        janitor()
+
+
+app = serve_builder(api, "orders", _Background)
