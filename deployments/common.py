@@ -123,23 +123,24 @@ def problem(
     code: str,
     detail: str,
     headers: dict[str, str] | None = None,
-    **extra: Any,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
+    # Extension members never override the standard ones.
     body = {
+        **(extra or {}),
         "type": f"urn:vurksha:problem:{code}",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "code": code,
         "detail": detail,
         "request_id": getattr(request.state, "request_id", None),
-        **extra,
     }
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    return problem(request, exc.status_code, exc.code, exc.message, exc.headers, **exc.extra)
+    return problem(request, exc.status_code, exc.code, exc.message, exc.headers, exc.extra)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -152,7 +153,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     code = (
         errors[0]["type"] if errors and errors[0]["type"] in CUSTOM_VALIDATION_CODES else "validation_error"
     )
-    return problem(request, 422, code, "The request is not valid", errors=errors)
+    return problem(request, 422, code, "The request is not valid", extra={"errors": errors})
 
 
 def _allowed_methods(request: Request) -> str:

@@ -47,7 +47,9 @@ IdempotencyKey = Annotated[
     tags=["orders"],
     responses={201: {"headers": {"Idempotent-Replayed": {"schema": {"type": "string"}}}}},
 )
-async def checkout(body: CheckoutIn, principal: CurrentUser, idempotency_key: IdempotencyKey) -> Response:
+async def checkout(
+    body: CheckoutIn, principal: CurrentUser, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Turn the caller's cart into an order for delivery to `address_id` (one of the caller's
     addresses). Prices, tax, discount and fees are recomputed from the cart now; every line's
     stock is reserved at the serving store, or none is (409 `insufficient_stock`, with the

@@ -91,7 +91,7 @@ class PaymentDetail(BaseModel):
     dependencies=[Depends(require_role(Role.admin, Role.ops))],
 )
 async def create_refund(
-    body: RefundIn, principal: CurrentUser, db: Db, idempotency_key: IdempotencyKey
+    body: RefundIn, principal: CurrentUser, db: Db, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Refund all (omit `amount_paise`) or part of what was captured for an order; several
     partial refunds may follow each other up to the captured amount (422

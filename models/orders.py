@@ -134,7 +134,7 @@ def check_transition(current: Status, target: Status, actor: str) -> None:
     if target not in TRANSITIONS[current]:
         raise InvalidTransition(
             f"An order that is {current} cannot become {target}",
-            extra={"status": str(current), "allowed": sorted(TRANSITIONS[current])},
+            extra={"current_status": str(current), "allowed": sorted(TRANSITIONS[current])},
         )
 
 
@@ -434,7 +434,7 @@ async def transition(
         raise Conflict(
             "The order changed since you read it",
             code="version_conflict",
-            extra={"version": order.version, "status": order.status},
+            extra={"current_version": order.version, "current_status": order.status},
         )
     previous = Status(order.status)
     check_transition(previous, target, actor)
@@ -678,6 +678,7 @@ async def place_order(
         )
     await session.flush()
     await _record(session, order, None, "customer", user_id, None, now)
+    await session.flush()
     return order
 
 

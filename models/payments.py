@@ -191,6 +191,7 @@ async def request_refund(
     """Reserve and record a refund; the relay then submits it to the gateway. Returns the
     refund and whether it is new: the same key for the same payment returns the first refund
     (422 if the amount differs). The caller holds the payment row lock."""
+    await session.flush()  # the conditional update below must see the caller's changes
     existing = (
         await session.scalars(
             select(Refund).where(Refund.payment_id == payment.id, Refund.idempotency_key == idempotency_key)
