@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import pickle
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from models.gateway import (
     GatewayPayment,
     GatewayRejected,
     GatewayUnavailable,
+    RazorpayClient,
     WebhookEvent,
     sign_webhook,
     verify_webhook,
@@ -164,3 +170,84 @@ def test_gateway_errors_pickle_with_their_details():
         "gateway_unavailable",
         True,
     )
+
+
+# ---------------------------------------------------------------- error mapping over real HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def flaky() -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A local server answering every request as `behaviour` says (status, body, delay)."""
+    behaviour: dict[str, Any] = {"status": 200, "body": {}, "delay": 0.0}
+
+    async def handle(request: web.Request) -> web.Response:
+        await asyncio.sleep(behaviour["delay"])
+        return web.json_response(behaviour["body"], status=behaviour["status"])
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}", behaviour
+    await runner.cleanup()
+
+
+async def test_5xx_timeouts_and_refused_connections_are_unavailable(flaky):
+    base, behaviour = flaky
+    client = RazorpayClient(base, "rzp_test_x", "secret", timeout=0.3)
+    try:
+        behaviour.update(status=502, body={"error": {"code": "SERVER_ERROR"}})
+        with pytest.raises(GatewayUnavailable):
+            await client.fetch_payment("pay_x")
+        behaviour.update(status=200, body={"id": "pay_x"}, delay=1.0)
+        with pytest.raises(GatewayUnavailable):
+            await client.fetch_payment("pay_x")
+        behaviour.update(status=200, body={"unexpected": True}, delay=0)
+        with pytest.raises(GatewayUnavailable):  # a 2xx we cannot read is not a success
+            await client.fetch_payment("pay_x")
+    finally:
+        await client.aclose()
+    closed = RazorpayClient(f"http://127.0.0.1:{free_port()}", "rzp_test_x", "secret")
+    with pytest.raises(GatewayUnavailable) as exc:
+        await closed.create_order(100, "INR", "r", {})
+    await closed.aclose()
+    assert exc.value.status_code == 503 and exc.value.retryable
+
+
+async def test_4xx_is_rejected_with_the_gateways_error(flaky):
+    base, behaviour = flaky
+    behaviour.update(
+        status=400,
+        body={
+            "error": {
+                "code": "BAD_REQUEST_ERROR",
+                "description": "The amount must be atleast INR 1.00",
+                "source": "business",
+                "step": "payment_initiation",
+                "reason": "input_validation_failed",
+                "metadata": {},
+                "field": "amount",
+            }
+        },
+    )
+    client = RazorpayClient(base, "rzp_test_x", "secret")
+    with pytest.raises(GatewayRejected) as exc:
+        await client.create_order(1, "INR", "r", {})
+    await client.aclose()
+    assert not exc.value.retryable
+    assert exc.value.extra == {
+        "operation": "create_order",
+        "gateway_status": 400,
+        "gateway_code": "BAD_REQUEST_ERROR",
+        "gateway_description": "The amount must be atleast INR 1.00",
+        "gateway_reason": "input_validation_failed",
+        "gateway_field": "amount",
+    }

@@ -37,12 +37,18 @@ APP_SECRET_ENV = (
     "VURKSHA_SMS_ACCOUNT_SID",
     "VURKSHA_SMS_AUTH_TOKEN",
     "VURKSHA_ADMIN_PHONE",
+    "VURKSHA_RAZORPAY_KEY_ID",
+    "VURKSHA_RAZORPAY_KEY_SECRET",
+    "VURKSHA_RAZORPAY_WEBHOOK_SECRET",
 )
 APP_PLAIN_ENV = {
     "VURKSHA_ENV": "production",
     "VURKSHA_SMS_PROVIDER": "http",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
 }
+# Names that look secret (a URL) but are public: the gateway's API address holds no credentials.
+NOT_SECRET = {"VURKSHA_RAZORPAY_BASE_URL"}
 
 Doc = dict[str, Any]
 
@@ -424,7 +430,8 @@ def literal_secrets(docs: list[tuple[str, Doc]]) -> list[str]:
     for name, doc in docs:
         for node in _walk(doc):
             for var in node.get("env", []) if isinstance(node.get("env"), list) else []:
-                if any(m in var["name"].upper() for m in SECRET_MARKERS) and not _from_secret(var):
+                looks_secret = any(m in var["name"].upper() for m in SECRET_MARKERS)
+                if looks_secret and var["name"] not in NOT_SECRET and not _from_secret(var):
                     found.append(f"{doc_id((name, doc))}: env {var['name']} is not from a secretKeyRef")
             gcs = node.get("gcsFaultToleranceOptions") or {}
             for field in ("redisPassword", "redisUsername"):
