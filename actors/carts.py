@@ -42,7 +42,7 @@ from models.carts import (
     ChooseAddress,
     SetQuantity,
 )
-from models.db import make_engine, make_sessionmaker, utcnow
+from models.db import make_engine, make_redis, make_sessionmaker, utcnow
 from models.errors import AppError, ServiceUnavailable
 
 NAMESPACE = "vurksha"
@@ -116,7 +116,7 @@ class CartShard:
     def _kv(self) -> Redis:
         if self._redis is None:
             assert self.settings.redis_url, "REDIS_URL must be set"
-            self._redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
+            self._redis = make_redis(self.settings.redis_url)
         return self._redis
 
     # ------------------------------------------------------------ per-user slots

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from config.logging import setup_logging
 from config.settings import Settings, get_settings
 from models import users
-from models.db import make_engine, make_sessionmaker, utcnow
+from models.db import make_engine, make_redis, make_sessionmaker, utcnow
 from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
 from models.gateway import RazorpayClient, make_gateway
 from models.notifications import SmsProvider, make_sms_provider
@@ -59,7 +59,7 @@ class Resources:
             max_overflow=settings.db_max_overflow,
         )
         self.sessionmaker: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
-        self.redis: Redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        self.redis: Redis = make_redis(settings.redis_url)
         self.tokens = TokenService.from_settings(settings)
         self.limiter = RateLimiter(self.redis)
         self.trusted_proxies: list[IPNetwork] = [

@@ -48,7 +48,7 @@ IdempotencyKey = Annotated[
     responses={201: {"headers": {"Idempotent-Replayed": {"schema": {"type": "string"}}}}},
 )
 async def checkout(
-    body: CheckoutIn, principal: CurrentUser, idempotency_key: IdempotencyKey = None
+    body: CheckoutIn, principal: CurrentUser, db: Db, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Turn the caller's cart into an order for delivery to `address_id` (one of the caller's
     addresses). Prices, tax, discount and fees are recomputed from the cart now; every line's
@@ -64,6 +64,9 @@ async def checkout(
     `idempotency_key_required`, 409 `cart_empty`, `cart_already_ordered`, 404
     `address_not_found`, 422 `not_serviceable`, `tip_too_large`, coupon codes (422)."""
     key = idempotency.validate_key(idempotency_key)
+    # Give the connection authentication used back to the pool: the phases below take their
+    # own, and a request holding one while waiting for another deadlocks the pool under load.
+    await db.commit()
     res = resources()
     shard = await get_shard(principal.id)
 
