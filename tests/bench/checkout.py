@@ -425,7 +425,8 @@ def main() -> None:
 
     print(
         f"\ncheckout (COD, 1 item), {n} concurrent clients over {len(customers)} customers"
-        f" (logged in and given addresses in {setup_s:.1f} s), {args.seconds:.0f} s each"
+        f" (logged in and given addresses in {setup_s:.1f} s), {args.seconds:.0f} s each;"
+        f" replica DB pool {settings.db_pool_size}+{settings.db_max_overflow}"
     )
     for variant in ("(a) distinct", "(b) hot"):
         serve_r, floor_r = results[f"Serve {variant}"], results[f"Floor {variant}"]
