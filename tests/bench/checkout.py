@@ -370,15 +370,24 @@ async def floor_checkouts(
     return Run(add={}, checkout=summary(latencies, errors, elapsed), ordered=ordered, errors=shown)
 
 
-async def reserved(database_url: str, store: uuid.UUID) -> dict[uuid.UUID, int]:
+async def reserved(database_url: str, store: uuid.UUID) -> tuple[dict[uuid.UUID, int], dict[uuid.UUID, int]]:
+    """Per product at the store: `reserved`, and the quantity its committed orders hold."""
     import asyncpg
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         rows = await conn.fetch("SELECT product_id, reserved FROM inventory WHERE store_id = $1", store)
+        lines = await conn.fetch(
+            "SELECT l.product_id, sum(l.quantity) AS quantity FROM order_lines l"
+            " JOIN orders o ON o.id = l.order_id"
+            " WHERE o.store_id = $1 AND o.reservation IN ('held', 'committed') GROUP BY l.product_id",
+            store,
+        )
     finally:
         await conn.close()
-    return {r["product_id"]: r["reserved"] for r in rows}
+    return {r["product_id"]: r["reserved"] for r in rows}, {
+        r["product_id"]: int(r["quantity"]) for r in lines
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -421,7 +430,7 @@ def main() -> None:
                     settings.database_url, store, floor_customers, chosen, args.seconds, n, settings
                 )
             )
-        stock = asyncio.run(reserved(settings.database_url, store))
+        stock, in_orders = asyncio.run(reserved(settings.database_url, store))
 
     print(
         f"\ncheckout (COD, 1 item), {n} concurrent clients over {len(customers)} customers"
@@ -457,7 +466,16 @@ def main() -> None:
         f" hot product reserved {stock.get(serve_hot.id, 0)} via Serve, {stock.get(floor_hot.id, 0)} via floor)"
     )
     for p, (have, want) in list(wrong.items())[:10]:
-        print(f"  {p}: reserved {have}, successful checkouts ordered {want}")
+        print(
+            f"  {p}: reserved {have}, successful checkouts ordered {want}, orders in the database hold {in_orders.get(p, 0)}"
+        )
+    # A checkout answered 408 may still have committed (Serve times the request out, the replica
+    # carries on): the database invariant is reserved == what the orders hold.
+    unheld = [p for p in stock if stock[p] != in_orders.get(p, 0)]
+    print(
+        f"stock check: reserved == quantity held by the orders in the database: {'OK' if not unheld else 'MISMATCH'}"
+        f" ({sum(in_orders.values()) - sum(expected.values())} units ordered by checkouts the client saw fail)"
+    )
 
 
 if __name__ == "__main__":
