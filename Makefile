@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python -m tests.bench.carts
 	$(BIN)/python -m tests.bench.search
 	$(BIN)/python -m tests.bench.seed
+	$(BIN)/python -m tests.bench.checkout
 
 clean:
 	rm -rf $(VENV) .vurksha .pytest_cache .mypy_cache .ruff_cache .hypothesis
