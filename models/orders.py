@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -71,6 +72,8 @@ from models.payments import (
 )
 from models.products import Coupon, CouponRedemption, Inventory
 from models.users import Address, Role, User
+
+log = logging.getLogger("vurksha.orders")
 
 # ---------------------------------------------------------------- the state machine (pure)
 
@@ -1244,7 +1247,9 @@ async def reconcile(
         assert gateway_order_id is not None
         try:
             attempts = await gateway.order_payments(gateway_order_id)
-        except GatewayUnavailable:
+        except (GatewayUnavailable, GatewayRejected) as exc:
+            # One payment the gateway cannot answer for must not stop the others.
+            log.warning("reconcile: gateway order %s: %s", gateway_order_id, exc.code)
             continue
         captured = next((p for p in attempts if p.captured or p.status == "captured"), None)
         async with sessions() as s:
@@ -1269,7 +1274,8 @@ async def reconcile(
         assert gateway_refund_id is not None
         try:
             result = await gateway.fetch_refund(gateway_refund_id)
-        except GatewayUnavailable:
+        except (GatewayUnavailable, GatewayRejected) as exc:
+            log.warning("reconcile: gateway refund %s: %s", gateway_refund_id, exc.code)
             continue
         applied += (await _settle_from_gateway(sessions, refund_id, result)).applied
     return applied

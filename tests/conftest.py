@@ -30,10 +30,13 @@ os.environ.setdefault("VURKSHA_RATE_LIMIT_PER_IP_PER_MINUTE", "300")
 os.environ.setdefault("VURKSHA_RATE_LIMIT_PER_USER_PER_MINUTE", "120")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Background work on test time scales: payments pending for a second are reconciled, a relay
-# that dies mid-delivery has its events leased back after 5 s.
+# that dies mid-delivery has its events leased back after 5 s...
 os.environ.setdefault("VURKSHA_RECONCILE_AFTER_SECONDS", "1")
 os.environ.setdefault("VURKSHA_OUTBOX_LEASE_SECONDS", "5")
 os.environ.setdefault("VURKSHA_OUTBOX_POLL_SECONDS", "0.5")
+# ...and an event its subscriber keeps refusing is dead-lettered within seconds.
+os.environ.setdefault("VURKSHA_OUTBOX_MAX_ATTEMPTS", "5")
+os.environ.setdefault("VURKSHA_OUTBOX_BACKOFF_BASE_SECONDS", "0.2")
 
 
 # CI must be repeatable (a submission lands only on green): there the property tests and the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -375,3 +376,118 @@ def test_history_pages_newest_first(live: Live, shop: Shop):
     assert seen == ids[::-1]
     response = user.request("GET", "/orders", params={"cursor": "garbage!"})
     assert response.status_code == 400 and response.json()["code"] == "invalid_cursor"
+
+
+# ---------------------------------------------------------------- refunds
+
+
+def refund(
+    user: Session, order_id: str, amount: int | None, key: str, reason: str = "damaged item"
+) -> httpx.Response:
+    body: dict[str, Any] = {"order_id": order_id, "reason": reason}
+    if amount is not None:
+        body["amount_paise"] = amount
+    return user.request("POST", "/payments/refunds", json=body, headers={"Idempotency-Key": key})
+
+
+def paid_and_delivered(live: Live, shop: Shop) -> tuple[Session, dict[str, Any]]:
+    rice = make_product(live, shop, price=30000, stock_a=10)
+    user, address = buyer(live, shop, {rice: 2})
+    pending = checkout(user, address, "online").json()
+    pay(live, pending["payment"]["razorpay_order_id"])
+    status_becomes(live, user, pending["id"], "placed")
+    staff = staff_of(live, shop.store_a)
+    for to in ("confirmed", "packed", "out_for_delivery", "delivered"):
+        assert move(staff, pending["id"], to).status_code == 200
+    return user, order(user, pending["id"])
+
+
+def test_partial_refunds_up_to_the_captured_amount(live: Live, shop: Shop):
+    user, delivered = paid_and_delivered(live, shop)
+    total = delivered["totals"]["total_paise"]
+    ops = staff_of(live, shop.store_a, role="ops")
+    staff = staff_of(live, shop.store_a)
+    assert refund(user, delivered["id"], 100, "k0").status_code == 403
+    assert refund(staff, delivered["id"], 100, "k0").status_code == 403
+    response = ops.request("POST", "/payments/refunds", json={"order_id": delivered["id"], "reason": "x"})
+    assert response.status_code == 400 and response.json()["code"] == "idempotency_key_required"
+
+    first = refund(ops, delivered["id"], 10000, "k1")
+    assert first.status_code == 201 and first.json()["status"] == "pending", first.text
+    again = refund(ops, delivered["id"], 10000, "k1")
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    response = refund(ops, delivered["id"], 999, "k1")
+    assert response.status_code == 422 and response.json()["code"] == "idempotency_key_reused"
+    partial = status_becomes(live, user, delivered["id"], "partially_refunded")
+    assert (
+        partial["totals"]["refunded_paise"] == 10000 and partial["payment"]["status"] == "partially_refunded"
+    )
+
+    response = refund(ops, delivered["id"], total, "k2")
+    assert response.status_code == 422 and response.json()["code"] == "refund_exceeds_captured"
+    assert response.json()["refundable_paise"] == total - 10000
+    rest = refund(ops, delivered["id"], None, "k3")  # everything not yet refunded
+    assert rest.status_code == 201 and rest.json()["amount_paise"] == total - 10000
+    done = status_becomes(live, user, delivered["id"], "refunded")
+    assert done["totals"]["refunded_paise"] == total and done["payment"]["status"] == "refunded"
+    response = refund(ops, delivered["id"], 1, "k4")
+    assert response.status_code == 422 and response.json()["code"] == "refund_exceeds_captured"
+    detail = user.request("GET", f"/payments/orders/{delivered['id']}").json()
+    assert sorted((r["amount_paise"], r["status"]) for r in detail["refunds"]) == sorted(
+        [(10000, "processed"), (total - 10000, "processed")]
+    )
+    assert all(r["razorpay_refund_id"].startswith("rfnd_") for r in detail["refunds"])
+    # The gateway agrees: what it refunded is what we recorded.
+    gateway = httpx.get(
+        f"{live.base_url}/sandbox-gateway/v1/payments/{done['payment']['razorpay_payment_id']}",
+        auth=("rzp_test_vurkshadev", "dev-only-razorpay-key-secret"),
+    ).json()
+    assert gateway["amount_refunded"] == total and gateway["status"] == "refunded"
+
+
+def test_concurrent_refunds_never_exceed_the_capture(live: Live, shop: Shop):
+    _, delivered = paid_and_delivered(live, shop)
+    total = delivered["totals"]["total_paise"]
+    ops = staff_of(live, shop.store_a, role="ops")
+    share = total * 3 // 10
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda i: refund(ops, delivered["id"], share, f"c{i}"), range(10)))
+    assert [r.status_code for r in responses].count(201) == 3
+    assert {r.json()["code"] for r in responses if r.status_code != 201} == {"refund_exceeds_captured"}
+    row = live.sql(
+        "SELECT captured_paise, refund_reserved_paise FROM payments WHERE order_id = :o", o=delivered["id"]
+    )[0]
+    assert (row.captured_paise, row.refund_reserved_paise) == (total, 3 * share)
+
+
+def test_cash_on_delivery_cannot_be_refunded_before_it_is_collected(live: Live, shop: Shop):
+    rice = make_product(live, shop, price=30000, stock_a=10)
+    user, address = buyer(live, shop, {rice: 1})
+    placed = checkout(user, address).json()
+    admin = staff_of(live, shop.store_a, role="admin")
+    response = refund(admin, placed["id"], None, "cod1")
+    assert response.status_code == 409 and response.json()["code"] == "not_refundable"
+
+
+# ---------------------------------------------------------------- the outbox's dead letters
+
+
+def test_an_event_its_subscriber_keeps_failing_is_dead_lettered(live: Live):
+    # A malformed event (no event id) fails in the payments subscriber on every attempt.
+    [row] = live.sql(
+        "INSERT INTO outbox (topic, payload, status, pending) VALUES ('gateway.event', '{}', 'pending', ARRAY['payments'])"
+        " RETURNING id"
+    )
+    live.sql("NOTIFY vurksha_outbox")
+    dead = wait_for(
+        lambda: (
+            (
+                r := live.sql("SELECT status, attempts, last_error FROM outbox WHERE id = :i", i=row.id)[0]
+            ).status
+            == "dead"
+            and r
+        ),
+        timeout=60,
+        what="dead letter",
+    )
+    assert dead.attempts == 5 and "KeyError" in dead.last_error
