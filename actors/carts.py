@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from actors import named
 from config.settings import Settings, get_settings
 from models import carts
 from models.carts import (
@@ -45,7 +45,6 @@ from models.carts import (
 from models.db import make_engine, make_redis, make_sessionmaker, utcnow
 from models.errors import AppError, ServiceUnavailable
 
-NAMESPACE = "vurksha"
 T = TypeVar("T")
 
 
@@ -249,30 +248,22 @@ class CartShard:
 
 # ---------------------------------------------------------------- callers' side
 
-_handles: list[ActorHandle] | None = None
-_handles_lock = threading.Lock()
+_shards: list[ActorHandle] | None = None
 
 
 def cart_shards(settings: Settings | None = None) -> list[ActorHandle]:
-    """Handles to the N shard actors, creating any that do not exist yet (get_if_exists makes
-    concurrent creators from several replicas agree on one actor per name)."""
-    global _handles
-    with _handles_lock:
-        if _handles is None:
-            n = (settings or get_settings()).cart_shards
-            _handles = [
-                CartShard.options(  # type: ignore[attr-defined]
-                    name=shard_name(i), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-                ).remote(i)
-                for i in range(n)
-            ]
-        return _handles
+    """Handles to the N shard actors, creating any that do not exist yet."""
+    global _shards
+    if _shards is None:
+        n = (settings or get_settings()).cart_shards
+        _shards = [named(CartShard, shard_name(i), i) for i in range(n)]
+    return _shards
 
 
 async def get_shard(user_id: uuid.UUID) -> ActorHandle:
     """The shard holding this user's cart. The first call per process looks the actors up (a
     blocking GCS round trip, so off the event loop); later calls are a list index."""
-    handles = _handles if _handles is not None else await asyncio.to_thread(cart_shards)
+    handles = _shards if _shards is not None else await asyncio.to_thread(cart_shards)
     return handles[shard_index(user_id, len(handles))]
 
 

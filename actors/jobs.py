@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -24,6 +23,7 @@ from ray.actor import ActorHandle
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from actors import named
 from config.settings import Settings, get_settings
 from models import idempotency, orders, outbox
 from models.db import make_engine, make_sessionmaker, utcnow
@@ -32,7 +32,6 @@ from models.payments import GatewayEvent
 
 log = logging.getLogger("vurksha.jobs")
 
-NAMESPACE = "vurksha"
 JANITOR_NAME = "janitor"
 PURGE_INTERVAL_S = 3600.0
 
@@ -106,15 +105,6 @@ class Janitor:
         return n
 
 
-_janitor: ActorHandle | None = None
-_janitor_lock = threading.Lock()
-
-
 def janitor() -> ActorHandle:
-    global _janitor
-    with _janitor_lock:
-        if _janitor is None:
-            _janitor = Janitor.options(  # type: ignore[attr-defined]
-                name=JANITOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-            ).remote()
-        return _janitor
+    """The janitor actor (created on first use)."""
+    return named(Janitor, JANITOR_NAME)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from typing import Any
 
 import ray
@@ -22,6 +21,7 @@ from ray import serve
 from ray.actor import ActorHandle
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
+from actors import named
 from config.settings import Settings, get_settings
 from models import outbox
 from models.carts import Strict
@@ -29,7 +29,6 @@ from models.db import make_engine, make_sessionmaker
 
 log = logging.getLogger("vurksha.outbox")
 
-NAMESPACE = "vurksha"
 RELAY_NAME = "outbox-relay"
 BATCH = 64
 CONCURRENCY = 32
@@ -154,17 +153,7 @@ class OutboxRelay:
 
 # ---------------------------------------------------------------- callers' side
 
-_relay: ActorHandle | None = None
-_relay_lock = threading.Lock()
-
 
 def relay() -> ActorHandle:
-    """The relay actor, created on first use by whichever process asks first (replicas of
-    several applications may race; get_if_exists makes them agree on one)."""
-    global _relay
-    with _relay_lock:
-        if _relay is None:
-            _relay = OutboxRelay.options(  # type: ignore[attr-defined]
-                name=RELAY_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-            ).remote()
-        return _relay
+    """The relay actor (created on first use)."""
+    return named(OutboxRelay, RELAY_NAME)

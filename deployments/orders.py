@@ -141,9 +141,10 @@ async def cancel_order(order_id: uuid.UUID, body: CancelIn, principal: CurrentUs
     order = await orders.get_visible(db, order_id, principal.user, lock=True)
     if order.user_id != principal.id:
         raise orders.order_not_found()
-    await orders.cancel(
+    await orders.change_status(
         db,
         order,
+        orders.Status.cancelled,
         actor="customer",
         actor_user_id=principal.id,
         reason=body.reason,
@@ -164,31 +165,18 @@ async def transition_order(
     order = await orders.get_visible(db, order_id, principal.user, lock=True)
     actor = orders.actor_for_role(principal.role)
     if actor == "customer":
-        raise orders.order_not_found() if order.user_id != principal.id else orders.staff_only()
+        raise orders.staff_only()
     orders.user_store_scope(principal.user, order.store_id)
-    target = orders.Status(body.to)
-    now = utcnow()
-    if target == orders.Status.cancelled:
-        await orders.cancel(
-            db,
-            order,
-            actor=actor,
-            actor_user_id=principal.id,
-            reason=body.reason,
-            expected_version=body.version,
-            now=now,
-        )
-    else:
-        await orders.transition(
-            db,
-            order,
-            target,
-            actor=actor,
-            actor_user_id=principal.id,
-            reason=body.reason,
-            expected_version=body.version,
-            now=now,
-        )
+    await orders.change_status(
+        db,
+        order,
+        orders.Status(body.to),
+        actor=actor,
+        actor_user_id=principal.id,
+        reason=body.reason,
+        expected_version=body.version,
+        now=utcnow(),
+    )
     return await orders.order_out(db, order, resources().settings)
 
 

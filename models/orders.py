@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import (
@@ -52,11 +52,10 @@ from models.carts import CartContext, CartState, CartView, StoreRef
 from models.db import Base, new_id, utcnow
 from models.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from models.gateway import (
-    GatewayOrder,
-    GatewayPayment,
     GatewayRefund,
     GatewayRejected,
     GatewayUnavailable,
+    RazorpayClient,
     WebhookEvent,
 )
 from models.payments import (
@@ -506,6 +505,24 @@ async def cancel(
             requested_by=actor_user_id,
         )
     return order
+
+
+async def change_status(
+    session: AsyncSession,
+    order: Order,
+    target: Status,
+    *,
+    actor: str,
+    actor_user_id: uuid.UUID | None,
+    reason: str | None,
+    expected_version: int | None,
+    now: datetime,
+) -> Order:
+    """A requested move (customer or staff): cancelling also refunds, see `cancel`."""
+    who: dict[str, Any] = {"actor": actor, "actor_user_id": actor_user_id, "reason": reason}
+    if target == S.cancelled:
+        return await cancel(session, order, **who, expected_version=expected_version, now=now)
+    return await transition(session, order, target, **who, expected_version=expected_version, now=now)
 
 
 async def _lock_payment(session: AsyncSession, order_id: uuid.UUID) -> Payment | None:
@@ -988,34 +1005,12 @@ def user_store_scope(user: User, store_id: uuid.UUID) -> None:
 # the network). Each takes a sessionmaker and commits its own phases.
 
 
-class GatewayPort(Protocol):
-    """What the workflows need of the gateway adapter (`models.gateway.RazorpayClient`)."""
-
-    async def create_order(
-        self, amount: int, currency: str, receipt: str, notes: dict[str, str]
-    ) -> GatewayOrder: ...
-
-    async def order_payments(self, order_id: str) -> list[GatewayPayment]: ...
-
-    async def refund(
-        self,
-        payment_id: str,
-        amount: int,
-        *,
-        idempotency_key: str,
-        notes: dict[str, str] | None = None,
-        receipt: str | None = None,
-    ) -> GatewayRefund: ...
-
-    async def fetch_refund(self, refund_id: str) -> GatewayRefund: ...
-
-
 CHECKOUT_SCOPE = "orders.create"
 
 
 async def checkout(
     sessions: async_sessionmaker[AsyncSession],
-    gateway: GatewayPort,
+    gateway: RazorpayClient,
     *,
     user_id: uuid.UUID,
     key: str,
@@ -1151,7 +1146,7 @@ async def _our_refund_id(session: AsyncSession, refund: GatewayRefund) -> uuid.U
 
 
 async def submit_refund(
-    sessions: async_sessionmaker[AsyncSession], gateway: GatewayPort, refund_id: uuid.UUID
+    sessions: async_sessionmaker[AsyncSession], gateway: RazorpayClient, refund_id: uuid.UUID
 ) -> Outcome:
     """Send a requested refund to the gateway. Safe to repeat: the gateway dedupes on our
     refund id (`X-Refund-Idempotency`), and settling is conditional. A gateway that is down
@@ -1214,7 +1209,11 @@ async def _settle_from_gateway(
 
 
 async def reconcile(
-    sessions: async_sessionmaker[AsyncSession], gateway: GatewayPort, settings: Settings, *, limit: int = 100
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: RazorpayClient,
+    settings: Settings,
+    *,
+    limit: int = 100,
 ) -> int:
     """Ask the gateway about payments and refunds still pending after `reconcile_after_seconds`,
     so a dropped webhook cannot strand an order. Returns how many facts were applied."""

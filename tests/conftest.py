@@ -8,13 +8,20 @@ import asyncio
 import os
 import re
 import secrets
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +136,56 @@ class Session:
 
     def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
         return self.client.request(method, url, headers={**self.auth, **kw.pop("headers", {})}, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def production_app(live: Live, app: str) -> Iterator[str]:
+    """One service's FastAPI app (`deployments.x:api`) under uvicorn with production settings
+    (real-looking secrets, the live database), yielding its base URL once it is healthy."""
+    port = _free_port()
+    key = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    env = {
+        **os.environ,
+        "VURKSHA_ENV": "production",
+        "DATABASE_URL": live.database_url,
+        "REDIS_URL": live.redis_url,
+        "VURKSHA_OTP_PEPPER": "a-real-secret-pepper",
+        "VURKSHA_JWT_PRIVATE_KEY": key.decode(),
+        "VURKSHA_SMS_PROVIDER": "http",
+        "VURKSHA_SMS_ACCOUNT_SID": "AC0000",
+        "VURKSHA_SMS_AUTH_TOKEN": "token",
+        "VURKSHA_ADMIN_PHONE": "+919812345678",
+        "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
+        "VURKSHA_RAZORPAY_KEY_ID": "rzp_live_x",
+        "VURKSHA_RAZORPAY_KEY_SECRET": "live-secret",
+        "VURKSHA_RAZORPAY_WEBHOOK_SECRET": "whsec",
+    }
+    command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"{base}/healthz")
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert health.status_code == 200, health.text
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

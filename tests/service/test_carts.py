@@ -325,7 +325,8 @@ def test_another_users_cart_is_unreachable(live: Live, shop: Shop):
 def test_write_through_and_shard_kill_survival(live: Live, shop: Shop):
     import ray
 
-    from actors.carts import NAMESPACE, cart_key, shard_index, shard_name
+    from actors import NAMESPACE
+    from actors.carts import cart_key, shard_index, shard_name
     from config.settings import get_settings
 
     user = customer(live, shop.store_a)

@@ -222,13 +222,15 @@ def test_ten_concurrent_identical_requests_make_one_order(live: Live, shop: Shop
     fill_carts([crowd[0]], [{item: 2}])
     key = uuid.uuid4().hex
     body = {"address_id": address, "payment_method": "online"}
+    count = "SELECT count(*) AS n FROM orders WHERE user_id = :u"
+    before = live.sql(count, u=user.user_id)[0].n
     responses = asyncio.run(_checkouts(live, [(user, body, key)] * 10))
     created = [r for r in responses if r.status_code == 201]
     assert created and all(r.status_code in (201, 409) for r in responses)
     assert {r.json()["code"] for r in responses if r.status_code == 409} <= {"idempotency_in_flight"}
     assert len({r.content for r in created}) == 1  # replays are the first response, byte for byte
     order_id = created[0].json()["id"]
-    assert live.sql("SELECT count(*) AS n FROM orders WHERE user_id = :u", u=user.user_id)[0].n == 1
+    assert live.sql(count, u=user.user_id)[0].n == before + 1
     assert inventory(live, shop, [item])[item] == (100, 2)
 
     replay = user.request("POST", "/orders", json=body, headers={"Idempotency-Key": key})

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,6 @@ import httpx
 import psutil
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import make_url, text
 
 from deployments.common import resolve_client_ip
@@ -24,7 +21,7 @@ from deployments.launcher import SERVE_CONFIG
 from deployments.openapi import OPENAPI_FILE, render
 from models.db import make_engine
 from models.migrate import downgrade, upgrade
-from tests.conftest import ROOT, Live, Session, fake_ip
+from tests.conftest import ROOT, Live, Session, fake_ip, production_app
 
 APPS = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
 
@@ -136,65 +133,11 @@ def test_migrations_run_down_and_up_from_empty(live: Live):
     upgrade(url)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dev_outbox_is_404_in_production(live: Live):
     """The notifications app started with production settings, under uvicorn, over HTTP."""
-    port = _free_port()
-    key = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    env = {
-        **os.environ,
-        "VURKSHA_ENV": "production",
-        "DATABASE_URL": live.database_url,
-        "REDIS_URL": live.redis_url,
-        "VURKSHA_OTP_PEPPER": "a-real-secret-pepper",
-        "VURKSHA_JWT_PRIVATE_KEY": key.decode(),
-        "VURKSHA_SMS_PROVIDER": "http",
-        "VURKSHA_SMS_ACCOUNT_SID": "AC0000",
-        "VURKSHA_SMS_AUTH_TOKEN": "token",
-        "VURKSHA_ADMIN_PHONE": "+919812345678",
-        "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
-        "VURKSHA_RAZORPAY_KEY_ID": "rzp_live_x",
-        "VURKSHA_RAZORPAY_KEY_SECRET": "live-secret",
-        "VURKSHA_RAZORPAY_WEBHOOK_SECRET": "whsec",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "deployments.notifications:api",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        assert health.status_code == 200
-        response = httpx.get(f"http://127.0.0.1:{port}/dev/outbox", params={"to": "+919812345678"})
+    with production_app(live, "deployments.notifications:api") as base:
+        response = httpx.get(f"{base}/dev/outbox", params={"to": "+919812345678"})
         assert response.status_code == 404 and response.json()["code"] == "not_found"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_production_refuses_to_start_with_default_secrets():

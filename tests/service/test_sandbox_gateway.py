@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,12 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from config.settings import DEV_RAZORPAY_KEY_ID, DEV_RAZORPAY_KEY_SECRET, DEV_RAZORPAY_WEBHOOK_SECRET
 from models.gateway import GatewayRejected, RazorpayClient, WebhookEvent, verify_webhook
-from tests.conftest import ROOT, Live
+from tests.conftest import Live, production_app
 
 PREFIX = "/sandbox-gateway"
 
@@ -389,61 +383,9 @@ async def test_refunds_raise_refund_processed_to_the_payments_webhook_url(gatewa
 # ---------------------------------------------------------------- production
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sandbox_routes_are_404_in_production(live: Live):
     """The sandbox app started with production settings, under uvicorn, over HTTP."""
-    port = _free_port()
-    key = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    env = {
-        **os.environ,
-        "VURKSHA_ENV": "production",
-        "DATABASE_URL": live.database_url,
-        "REDIS_URL": live.redis_url,
-        "VURKSHA_OTP_PEPPER": "a-real-secret-pepper",
-        "VURKSHA_JWT_PRIVATE_KEY": key.decode(),
-        "VURKSHA_SMS_PROVIDER": "http",
-        "VURKSHA_SMS_ACCOUNT_SID": "AC0000",
-        "VURKSHA_SMS_AUTH_TOKEN": "token",
-        "VURKSHA_ADMIN_PHONE": "+919812345678",
-        "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
-        "VURKSHA_RAZORPAY_KEY_ID": "rzp_live_x",
-        "VURKSHA_RAZORPAY_KEY_SECRET": "live-secret",
-        "VURKSHA_RAZORPAY_WEBHOOK_SECRET": "whsec",
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "deployments.sandbox_gateway:api",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"{base}/healthz")
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        assert health.status_code == 200
+    with production_app(live, "deployments.sandbox_gateway:api") as base:
         auth = ("rzp_live_x", "live-secret")
         for method, path in [
             ("POST", "/v1/orders"),
@@ -454,6 +396,3 @@ def test_sandbox_routes_are_404_in_production(live: Live):
         ]:
             response = httpx.request(method, base + path, json={"amount": 100, "currency": "INR"}, auth=auth)
             assert response.status_code == 404 and response.json()["code"] == "not_found", path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
