@@ -30,11 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.logging import setup_logging
-from config.settings import Settings, get_settings
 # Every table on the metadata in every replica: foreign keys cross domains (users.store_id ->
 # stores), and the ORM resolves them when it orders a flush.
 import models.tables  # noqa: F401
+from config.logging import setup_logging
+from config.settings import Settings, get_settings
 from models import users
 from models.db import make_engine, make_redis, make_sessionmaker, utcnow
 from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
