@@ -1,4 +1,5 @@
-"""`vurksha`: run the backend, migrate, seed, or regenerate the OpenAPI document."""
+"""`vurksha`: run the backend, migrate, seed, handle dead-lettered events, or regenerate the
+OpenAPI document."""
 
 from __future__ import annotations
 
@@ -32,12 +33,34 @@ def _run() -> None:
             print("stopping…", flush=True)
 
 
+async def _outbox(database_url: str, requeue: list[int] | None) -> None:
+    """Show dead-lettered events; requeue them (all, or the ids given) once the cause is fixed."""
+    from models import outbox
+    from models.db import make_engine, make_sessionmaker
+
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            if requeue is not None:
+                n = await outbox.requeue_dead(session, requeue or None)
+                await session.commit()
+                print(f"requeued {n} dead event(s)")
+            for row in await outbox.dead_letters(session):
+                print(
+                    f"{row.id}\t{row.topic}\tattempts={row.attempts}\tpending={','.join(row.pending)}\t{row.last_error}"
+                )
+    finally:
+        await engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vurksha", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start embedded servers (if needed), migrate, seed and serve")
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("seed", help="load seed and demo data (idempotent)")
+    dead = sub.add_parser("outbox", help="list dead-lettered outbox events, or requeue them")
+    dead.add_argument("--requeue", nargs="*", type=int, metavar="ID", help="requeue these (no ids: all dead)")
     openapi = sub.add_parser("openapi", help="write the merged OpenAPI document")
     openapi.add_argument("--check", action="store_true", help="exit 1 if openapi.json is stale")
     args = parser.parse_args(argv)
@@ -46,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "run":
         _run()
-    elif args.command in ("migrate", "seed"):
+    elif args.command in ("migrate", "seed", "outbox"):
         if not settings.database_url:
             parser.error("DATABASE_URL is not set (use `vurksha run` for the embedded servers)")
-        if args.command == "migrate":
+        if args.command == "outbox":
+            asyncio.run(_outbox(settings.database_url, args.requeue))
+        elif args.command == "migrate":
             from models.migrate import upgrade
 
             upgrade(settings.database_url)

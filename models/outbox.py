@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import BigInteger, Identity, Index, String, Text, func, text, update
+from sqlalchemy import BigInteger, Identity, Index, String, Text, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
@@ -158,6 +158,16 @@ async def settle(
         .values(**values)
     )
     return str(values.get("status", "pending"))
+
+
+async def dead_letters(session: AsyncSession, limit: int = 50) -> list[OutboxRow]:
+    return list(
+        (
+            await session.scalars(
+                select(OutboxRow).where(OutboxRow.status == "dead").order_by(OutboxRow.id).limit(limit)
+            )
+        ).all()
+    )
 
 
 async def requeue_dead(session: AsyncSession, ids: list[int] | None = None) -> int:

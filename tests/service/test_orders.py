@@ -14,6 +14,7 @@ import httpx
 import pytest
 import ray
 
+from deployments.cli import main
 from tests.conftest import Live, Session
 from tests.service.shop import Shop, add, add_address, cart, make_coupon, make_product, make_shop
 
@@ -491,3 +492,10 @@ def test_an_event_its_subscriber_keeps_failing_is_dead_lettered(live: Live):
         what="dead letter",
     )
     assert dead.attempts == 5 and "KeyError" in dead.last_error
+    # Ops fix the cause (here: the payload) and requeue it from the command line.
+    live.sql("""UPDATE outbox SET payload = '{"event_id": "evt_missing"}' WHERE id = :i""", i=row.id)
+    main(["outbox", "--requeue", str(row.id)])
+    wait_for(
+        lambda: live.sql("SELECT status FROM outbox WHERE id = :i", i=row.id)[0].status == "delivered",
+        what="redelivery",
+    )
