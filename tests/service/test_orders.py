@@ -171,7 +171,7 @@ def test_checkout_input_errors(live: Live, shop: Shop):
     assert response.status_code == 422
     response = checkout(user, address, tip=10_000_000)
     assert response.status_code == 422 and response.json()["code"] == "tip_too_large"
-    other, other_address = buyer(live, shop, {})
+    _other, other_address = buyer(live, shop, {})
     response = checkout(user, other_address)  # someone else's address
     assert response.status_code == 404 and response.json()["code"] == "address_not_found"
     response = user.request(
