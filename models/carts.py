@@ -26,10 +26,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import Select, and_, func, literal, or_, select, true
+from sqlalchemy import Select, Uuid, and_, bindparam, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config.settings import Settings
@@ -397,11 +398,14 @@ class AddressRequired(Conflict):
     code = "address_required"
 
 
-def _bind_query(user_id: uuid.UUID, address_id: uuid.UUID | None) -> Select[Any]:
+@lru_cache(maxsize=1)
+def _bind_query() -> Select[Any]:
     """The address (the chosen one if it is still the user's, else the default) and the store
-    that serves it, in one round trip: `serving_stores_query` correlated to the address."""
+    that serves it, in one round trip: `serving_stores_query` correlated to the address. Built
+    once (it is on every cart operation and checkout; building it cost more than running it),
+    with the user and the chosen address as bound parameters."""
     nearest = serving_stores_query(Address.lat, Address.lng).limit(1).lateral("nearest")
-    chosen = Address.id == address_id
+    chosen = Address.id == bindparam("address_id", type_=Uuid)
     return (
         select(
             Address.id.label("address_id"),
@@ -411,7 +415,7 @@ def _bind_query(user_id: uuid.UUID, address_id: uuid.UUID | None) -> Select[Any]
         )
         .select_from(Address)
         .outerjoin(nearest, true())
-        .where(Address.user_id == user_id, or_(chosen, Address.is_default))
+        .where(Address.user_id == bindparam("user_id", type_=Uuid), or_(chosen, Address.is_default))
         .order_by(chosen.is_(True).desc())
         .limit(1)
     )
@@ -422,7 +426,7 @@ async def bind_store(
 ) -> Binding:
     """The store serving the user's chosen address (the default one when none was chosen, or
     the chosen one is gone). `strict`: the chosen address must exist and be the user's own."""
-    row = (await session.execute(_bind_query(user_id, address_id))).one_or_none()
+    row = (await session.execute(_bind_query(), {"user_id": user_id, "address_id": address_id})).one_or_none()
     if strict and (row is None or row.address_id != address_id):
         # Someone else's address is indistinguishable from a missing one.
         raise NotFound("No such address", code="address_not_found")
