@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, Index, LargeBinary, SmallInteger, String, Table, delete, text, update
+from sqlalchemy import ColumnElement, Index, LargeBinary, SmallInteger, String, Table, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
@@ -112,18 +112,13 @@ async def claim(
     if inserted is not None:
         return Claim(user_id=user_id, scope=scope, key=key, locked_at=now)
     row = (
-        await session.execute(
-            text("SELECT * FROM idempotency_keys WHERE user_id = :u AND scope = :s AND key = :k FOR UPDATE"),
-            {"u": user_id, "s": scope, "k": key},
-        )
+        await session.scalars(select(IdempotencyKey).where(*_row(user_id, scope, key)).with_for_update())
     ).one()
     if row.created_at <= now - ttl:
         # Outside the window the key is new again.
         await session.execute(
             update(IdempotencyKey)
-            .where(
-                IdempotencyKey.user_id == user_id, IdempotencyKey.scope == scope, IdempotencyKey.key == key
-            )
+            .where(*_row(user_id, scope, key))
             .values(
                 fingerprint=body_fingerprint,
                 created_at=now,
@@ -154,22 +149,17 @@ async def claim(
             code="idempotency_in_flight",
             headers={"Retry-After": "1"},
         )
-    await session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-        .values(locked_at=now)
-    )
+    await session.execute(update(IdempotencyKey).where(*_row(user_id, scope, key)).values(locked_at=now))
     return Claim(user_id=user_id, scope=scope, key=key, locked_at=now, resource_id=row.resource_id)
+
+
+def _row(user_id: uuid.UUID, scope: str, key: str) -> list[ColumnElement[bool]]:
+    return [IdempotencyKey.user_id == user_id, IdempotencyKey.scope == scope, IdempotencyKey.key == key]
 
 
 def _mine(c: Claim) -> list[ColumnElement[bool]]:
     # Fenced on locked_at: a request whose lock was taken over must not write.
-    return [
-        IdempotencyKey.user_id == c.user_id,
-        IdempotencyKey.scope == c.scope,
-        IdempotencyKey.key == c.key,
-        IdempotencyKey.locked_at == c.locked_at,
-    ]
+    return [*_row(c.user_id, c.scope, c.key), IdempotencyKey.locked_at == c.locked_at]
 
 
 async def record(session: AsyncSession, c: Claim, resource_id: uuid.UUID) -> None:

@@ -15,9 +15,7 @@ order -> payment -> inventory rows (by product id) for everything after it.
 
 from __future__ import annotations
 
-import base64
 import enum
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,7 +48,7 @@ from config.settings import Settings
 from models import carts, idempotency, outbox
 from models.carts import CartContext, CartState, CartView, StoreRef
 from models.db import Base, new_id, utcnow
-from models.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
+from models.errors import Conflict, Forbidden, NotFound, Unprocessable
 from models.gateway import (
     GatewayRefund,
     GatewayRejected,
@@ -69,7 +67,7 @@ from models.payments import (
     request_refund,
     settle_refund,
 )
-from models.products import Coupon, CouponRedemption, Inventory
+from models.products import Coupon, CouponRedemption, Inventory, decode_time_cursor, encode_cursor
 from models.users import Address, Role, User
 
 log = logging.getLogger("vurksha.orders")
@@ -404,9 +402,9 @@ async def _lines(session: AsyncSession, order_id: uuid.UUID) -> Sequence[OrderLi
     ).all()
 
 
-async def _move_stock(session: AsyncSession, order: Order, *, release: bool, consume: bool) -> None:
-    """Give back (`release`) or take off the shelf (`consume`) the order's reserved stock,
-    row by row in product order (the global lock order)."""
+async def _move_stock(session: AsyncSession, order: Order, *, consume: bool) -> None:
+    """Drop the order's reservation: given back to the shelf, or (`consume`) taken off it
+    too. Row by row in product order (the global lock order)."""
     for line in await _lines(session, order.id):
         values: dict[str, Any] = {"reserved": Inventory.reserved - line.quantity}
         if consume:
@@ -416,7 +414,13 @@ async def _move_stock(session: AsyncSession, order: Order, *, release: bool, con
             .where(Inventory.store_id == order.store_id, Inventory.product_id == line.product_id)
             .values(**values)
         )
-    assert release or consume
+
+
+async def _mark_first_order(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:
+    """The user's first placed order ends their first-order coupons."""
+    await session.execute(
+        update(User).where(User.id == user_id, User.first_order_at.is_(None)).values(first_order_at=now)
+    )
 
 
 async def transition(
@@ -441,24 +445,20 @@ async def transition(
     previous = Status(order.status)
     check_transition(previous, target, actor)
     if target in RELEASES_STOCK and order.reservation in ("held", "committed"):
-        await _move_stock(session, order, release=True, consume=False)
+        await _move_stock(session, order, consume=False)
         order.reservation = "released"
         order.reservation_expires_at = None
         # A cancelled order gives its coupon use back.
         await session.execute(delete(CouponRedemption).where(CouponRedemption.order_id == order.id))
     if target in FULFILS_STOCK and order.reservation == "committed":
-        await _move_stock(session, order, release=False, consume=True)
+        await _move_stock(session, order, consume=True)
         order.reservation = "fulfilled"
     if target in COMMITS_STOCK and order.reservation == "held":
         order.reservation = "committed"
         order.reservation_expires_at = None
     if target == S.placed:
         order.placed_at = now
-        await session.execute(
-            update(User)
-            .where(User.id == order.user_id, User.first_order_at.is_(None))
-            .values(first_order_at=now)
-        )
+        await _mark_first_order(session, order.user_id, now)
     elif target == S.delivered:
         order.delivered_at = now
     elif target == S.cancelled:
@@ -693,9 +693,7 @@ async def place_order(
     if order.coupon_code:
         session.add(CouponRedemption(coupon_code=order.coupon_code, user_id=user_id, order_id=order.id))
     if not online:
-        await session.execute(
-            update(User).where(User.id == user_id, User.first_order_at.is_(None)).values(first_order_at=now)
-        )
+        await _mark_first_order(session, user_id, now)
     await session.flush()
     await _record(session, order, None, "customer", user_id, None, now)
     await session.flush()
@@ -766,23 +764,12 @@ def staff_only() -> Forbidden:
 
 
 def can_see(order: Order, user: User) -> bool:
-    if order.user_id == user.id or user.role in (Role.admin, Role.ops):
-        return True
-    return user.role == Role.staff and user.store_id == order.store_id
+    return order.user_id == user.id or works_for(user, order.store_id)
 
 
-def _encode_cursor(created_at: datetime, order_id: uuid.UUID) -> str:
-    raw = json.dumps([created_at.isoformat(), str(order_id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, oid = json.loads(raw)
-        return datetime.fromisoformat(created), uuid.UUID(oid)
-    except (ValueError, TypeError) as exc:
-        raise BadRequest("The cursor is not valid", code="invalid_cursor") from exc
+def works_for(user: User, store_id: uuid.UUID) -> bool:
+    """Staff work for their own store; ops and admins for every store."""
+    return user.role in (Role.admin, Role.ops) or (user.role == Role.staff and user.store_id == store_id)
 
 
 async def list_orders(
@@ -812,7 +799,7 @@ async def list_orders(
     if status is not None:
         stmt = stmt.where(Order.status == status)
     if cursor:
-        created, oid = _decode_cursor(cursor)
+        created, oid = decode_time_cursor(cursor)
         stmt = stmt.where(tuple_(Order.created_at, Order.id) < tuple_(created, oid))
     rows = (await session.execute(stmt)).all()
     items = [
@@ -829,7 +816,9 @@ async def list_orders(
         for o, n in rows[:limit]
     ]
     last = rows[limit - 1][0] if len(rows) > limit else None
-    return OrderPage(items=items, next_cursor=_encode_cursor(last.created_at, last.id) if last else None)
+    return OrderPage(
+        items=items, next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None
+    )
 
 
 # ---------------------------------------------------------------- payment effects on orders
@@ -841,6 +830,19 @@ class Outcome:
 
     applied: bool
     detail: str
+
+
+async def _lock_gateway_order(session: AsyncSession, razorpay_order_id: str) -> tuple[Order, Payment] | None:
+    """The order and payment a gateway order belongs to, locked in the global order."""
+    order_id = await session.scalar(
+        select(Payment.order_id).where(Payment.razorpay_order_id == razorpay_order_id)
+    )
+    if order_id is None:
+        return None
+    order = await lock_order(session, order_id)
+    payment = await _lock_payment(session, order_id)
+    assert order is not None and payment is not None
+    return order, payment
 
 
 async def payment_captured(
@@ -855,18 +857,14 @@ async def payment_captured(
     """The gateway captured money for one of our orders. Idempotent; never moves an order
     backwards: an order cancelled meanwhile (e.g. its reservation expired) gets the money
     refunded instead of being revived."""
-    order_id = await session.scalar(
-        select(Payment.order_id).where(Payment.razorpay_order_id == razorpay_order_id)
-    )
-    if order_id is None:
+    locked = await _lock_gateway_order(session, razorpay_order_id)
+    if locked is None:
         return Outcome(False, "unknown gateway order")
-    order = await lock_order(session, order_id)
-    payment = await _lock_payment(session, order_id)
-    assert order is not None and payment is not None
+    order, payment = locked
     if payment.captured_paise > 0:
         if payment.razorpay_payment_id == razorpay_payment_id:
             return Outcome(False, "already captured")
-        # A second payment on one gateway order: give it back.
+        # A second payment on one gateway order is not ours to keep; ops refund it by hand.
         return Outcome(False, "second capture on a paid order: refund it at the gateway by hand")
     if amount_paise != payment.amount_paise or currency != payment.currency:
         return Outcome(False, "amount or currency does not match the order")
@@ -896,14 +894,10 @@ async def payment_failed(
     """A payment attempt failed. Changes nothing once money was captured (a late failure
     event cannot undo a capture); otherwise the order shows the failure and keeps its stock
     until the reservation expires, since the customer may try again."""
-    order_id = await session.scalar(
-        select(Payment.order_id).where(Payment.razorpay_order_id == razorpay_order_id)
-    )
-    if order_id is None:
+    locked = await _lock_gateway_order(session, razorpay_order_id)
+    if locked is None:
         return Outcome(False, "unknown gateway order")
-    order = await lock_order(session, order_id)
-    payment = await _lock_payment(session, order_id)
-    assert order is not None and payment is not None
+    order, payment = locked
     if payment.status not in (PaymentStatus.created, PaymentStatus.failed):
         return Outcome(False, f"payment already {payment.status}")
     payment.status = PaymentStatus.failed
@@ -991,12 +985,8 @@ async def expire_reservation(session: AsyncSession, order_id: uuid.UUID, now: da
 
 
 def user_store_scope(user: User, store_id: uuid.UUID) -> None:
-    """Staff act only for their own store; ops and admins for every store."""
-    if user.role in (Role.admin, Role.ops):
-        return
-    if user.role == Role.staff and user.store_id == store_id:
-        return
-    raise Forbidden("You are not allowed to act for this store", code="forbidden_role")
+    if not works_for(user, store_id):
+        raise Forbidden("You are not allowed to act for this store", code="forbidden_role")
 
 
 # ---------------------------------------------------------------- gateway workflows

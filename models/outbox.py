@@ -68,11 +68,15 @@ class Event(BaseModel):
     attempt: int
 
 
+async def _notify(session: AsyncSession) -> None:
+    """Wake the relay when (and only if) the caller's transaction commits."""
+    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+
 async def emit(
     session: AsyncSession, topic: str, aggregate_id: uuid.UUID | None, payload: dict[str, Any]
 ) -> None:
-    """Record an event in the caller's transaction; it is delivered only if that commits.
-    The NOTIFY, too, is transactional: the relay wakes at commit, not before."""
+    """Record an event in the caller's transaction; it is delivered only if that commits."""
     subscribers = list(SUBSCRIBERS.get(topic, ()))
     session.add(
         OutboxRow(
@@ -84,7 +88,7 @@ async def emit(
         )
     )
     if subscribers:
-        await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+        await _notify(session)
 
 
 async def claim(session: AsyncSession, *, limit: int, lease_seconds: float) -> list[tuple[Event, list[str]]]:
@@ -180,7 +184,7 @@ async def requeue_dead(session: AsyncSession, ids: list[int] | None = None) -> i
     if ids is not None:
         stmt = stmt.where(OutboxRow.id.in_(ids))
     result = await session.execute(stmt)
-    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    await _notify(session)
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -695,6 +695,15 @@ def _cursor_uuid(value: str) -> uuid.UUID:
         raise InvalidCursor("The cursor is not valid") from None
 
 
+def decode_time_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """A (created_at, id) cursor of a newest-first page."""
+    created, last = decode_cursor(cursor, 2)
+    try:
+        return datetime.fromisoformat(created), _cursor_uuid(last)
+    except ValueError:
+        raise InvalidCursor("The cursor is not valid") from None
+
+
 # ================================================================ stores
 
 
@@ -1123,12 +1132,7 @@ async def list_reviews(
     await get_product(session, product_id)
     query = select(Review).where(Review.product_id == product_id)
     if cursor is not None:
-        created, last = decode_cursor(cursor, 2)
-        try:
-            created_at = datetime.fromisoformat(created)
-        except ValueError:
-            raise InvalidCursor("The cursor is not valid") from None
-        last_id = _cursor_uuid(last)
+        created_at, last_id = decode_time_cursor(cursor)
         query = query.where(
             or_(Review.created_at < created_at, and_(Review.created_at == created_at, Review.id < last_id))
         )
