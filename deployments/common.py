@@ -16,7 +16,7 @@ from functools import cached_property
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import models.tables  # noqa: F401
 from config.logging import setup_logging
 from config.settings import Settings, get_settings
-from models import users
+from models import idempotency, users
 from models.db import make_engine, make_redis, make_sessionmaker, utcnow
 from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
 from models.gateway import RazorpayClient, make_gateway
@@ -378,6 +378,22 @@ async def current_principal(
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+async def idempotency_key(
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Required. One key per operation (e.g. a UUID); its retries reuse it.",
+        ),
+    ] = None,
+) -> str:
+    """The Idempotency-Key header: required, 1 to 255 printable ASCII characters (400 otherwise)."""
+    return idempotency.validate_key(key)
+
+
+IdempotencyKey = Annotated[str, Depends(idempotency_key)]
 
 
 def require_role(*roles: str) -> Callable[..., Any]:

@@ -11,13 +11,13 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import Header, Query, Response
+from fastapi import Query, Response
 
 from actors.carts import call, get_shard
 from actors.jobs import janitor
 from actors.outbox import relay
-from deployments.common import CurrentUser, Db, create_api, resources, serve_builder
-from models import idempotency, orders
+from deployments.common import CurrentUser, Db, IdempotencyKey, create_api, resources, serve_builder
+from models import orders
 from models.carts import CartState
 from models.db import utcnow
 from models.errors import AppError
@@ -31,14 +31,6 @@ api = create_api(
     description="Checkout with idempotency keys and stock reservation, the order lifecycle, history.",
 )
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        description="Required. A unique key per checkout attempt (e.g. a UUID); retries reuse it.",
-    ),
-]
-
 
 @api.post(
     "",
@@ -47,9 +39,7 @@ IdempotencyKey = Annotated[
     tags=["orders"],
     responses={201: {"headers": {"Idempotent-Replayed": {"schema": {"type": "string"}}}}},
 )
-async def checkout(
-    body: CheckoutIn, principal: CurrentUser, db: Db, idempotency_key: IdempotencyKey = None
-) -> Response:
+async def checkout(body: CheckoutIn, principal: CurrentUser, db: Db, key: IdempotencyKey) -> Response:
     """Turn the caller's cart into an order for delivery to `address_id` (one of the caller's
     addresses). Prices, tax, discount and fees are recomputed from the cart now; every line's
     stock is reserved at the serving store, or none is (409 `insufficient_stock`, with the
@@ -63,7 +53,6 @@ async def checkout(
     A failed attempt (4xx) can be retried with the same key. Other errors: 400
     `idempotency_key_required`, 409 `cart_empty`, `cart_already_ordered`, 404
     `address_not_found`, 422 `not_serviceable`, `tip_too_large`, coupon codes (422)."""
-    key = idempotency.validate_key(idempotency_key)
     # Give the connection authentication used back to the pool: the phases below take their
     # own, and a request holding one while waiting for another deadlocks the pool under load.
     await db.commit()

@@ -19,8 +19,16 @@ from sqlalchemy import select
 
 from actors.jobs import janitor
 from actors.outbox import relay
-from deployments.common import CurrentUser, Db, create_api, require_role, resources, serve_builder
-from models import idempotency, orders, outbox, payments
+from deployments.common import (
+    CurrentUser,
+    Db,
+    IdempotencyKey,
+    create_api,
+    require_role,
+    resources,
+    serve_builder,
+)
+from models import orders, outbox, payments
 from models.db import utcnow
 from models.errors import AppError, BadRequest, Unauthorized
 from models.gateway import WebhookEvent, verify_webhook
@@ -73,10 +81,6 @@ api = create_api(
     unlimited=webhooks,
 )
 
-IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", description="Required; one per refund")
-]
-
 
 class PaymentDetail(BaseModel):
     payment: PaymentOut
@@ -90,16 +94,13 @@ class PaymentDetail(BaseModel):
     tags=["refunds"],
     dependencies=[Depends(require_role(Role.admin, Role.ops))],
 )
-async def create_refund(
-    body: RefundIn, principal: CurrentUser, db: Db, idempotency_key: IdempotencyKey = None
-) -> JSONResponse:
+async def create_refund(body: RefundIn, principal: CurrentUser, db: Db, key: IdempotencyKey) -> JSONResponse:
     """Refund all (omit `amount_paise`) or part of what was captured for an order; several
     partial refunds may follow each other up to the captured amount (422
     `refund_exceeds_captured` beyond it, with `refundable_paise`). Admins and ops only. The same
     `Idempotency-Key` returns the first refund (200) instead of refunding twice. The refund is
     `pending` until the gateway processes it; a delivered order then becomes
     `partially_refunded` or `refunded`."""
-    key = idempotency.validate_key(idempotency_key)
     order = await orders.get_visible(db, body.order_id, principal.user, lock=True)
     payment = await payments.payment_for_order(db, order.id, lock=True)
     if payment is None:
