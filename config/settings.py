@@ -117,8 +117,8 @@ class Settings(BaseSettings):
 
     admin_phone: str = DEV_ADMIN_PHONE
 
-    # Seed catalog: the Online Retail Parquet file (default: shared/data/online_retail beside
-    # the repository) and the base URL that product image paths hang off.
+    # Seed catalog: the Online Retail Parquet file (default: the copy vendored in
+    # pipelines/data/online_retail) and the base URL that product image paths hang off.
     catalog_parquet: Path | None = None
     catalog_image_base_url: str = "https://cdn.vurksha.example/catalog"
 

@@ -1,7 +1,7 @@
 """The seed catalog: dark stores in Bengaluru, a category tree, products and per-store stock.
 
 Products come from the UCI Online Retail transactions (a UK gift-ware retailer, prices in GBP;
-see ../shared/data/online_retail/SOURCE.md), cleaned and priced in INR paise by the pure rules
+see pipelines/data/online_retail/SOURCE.md), cleaned and priced in INR paise by the pure rules
 below, plus a short, hand-written list of grocery staples (`DEMO_STAPLES`) so that the
 quick-commerce demo has bananas and milk to sell. Every rule is deterministic: the same
 Parquet file always yields the same rows, so `load_catalog` run twice changes nothing.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -48,11 +47,8 @@ from models.products import refresh_search_vectors
 if TYPE_CHECKING:
     import pyarrow as pa
 
-log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The repository is cloned under different names; shared/ always sits beside it.
-DEFAULT_PARQUET = REPO_ROOT.parent / "shared" / "data" / "online_retail" / "online_retail.parquet"
+# Vendored with the package (package data), so an installed image seeds the same catalog.
+DEFAULT_PARQUET = Path(__file__).resolve().parent / "data" / "online_retail" / "online_retail.parquet"
 
 # Fixed conversion rate, INR per GBP (roughly the 2024-25 average). Fixed on purpose: the seed
 # must not depend on the day it runs.
@@ -771,17 +767,15 @@ def _json_list(items: Sequence[str]) -> str:
     return json.dumps(list(items))
 
 
-def _products_from(parquet: Path | None) -> list[ProductDef]:
-    if parquet is not None and parquet.exists():
-        items = read_source(parquet)
-    else:
-        # Without the dataset (a production image, say) the demo staples still load.
-        log.warning("catalog source %s not found: seeding the demo staples only", parquet)
-        items = []
-    return build_products(items)
+def _products_from(parquet: Path) -> list[ProductDef]:
+    # A missing source is an error, not a smaller catalog: a demo of 33 staples hid exactly
+    # that mistake once.
+    if not parquet.is_file():
+        raise FileNotFoundError(f"catalog source {parquet} not found (VURKSHA_CATALOG_PARQUET)")
+    return build_products(read_source(parquet))
 
 
-async def load_catalog(session: AsyncSession, *, parquet: Path | None, image_base_url: str) -> LoadResult:
+async def load_catalog(session: AsyncSession, *, parquet: Path, image_base_url: str) -> LoadResult:
     """Upsert stores, categories, products and missing inventory rows; refresh the search
     documents of what changed. Only flushes: the caller owns the transaction."""
     started = time.perf_counter()

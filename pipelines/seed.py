@@ -65,7 +65,7 @@ async def seed_users(session: AsyncSession, settings: Settings) -> None:
 
 async def seed(settings: Settings, *, parquet: Path | None = None) -> catalog.LoadResult:
     """Seed everything in one transaction. `parquet` overrides `settings.catalog_parquet`,
-    which defaults to the shared dataset beside the repository."""
+    which defaults to the dataset vendored in `pipelines/data/online_retail/`."""
     assert settings.database_url
     source = parquet or settings.catalog_parquet or catalog.DEFAULT_PARQUET
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)

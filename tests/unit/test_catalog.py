@@ -1,6 +1,6 @@
 """The seed catalog's pure rules: cleaning the Online Retail transactions, pricing in paise,
-categories, brands, units, staples, stores and stock. No database; the real dataset is read
-from ../shared beside the repository for the whole-catalog checks."""
+categories, brands, units, staples, stores and stock. No database; the real dataset vendored in
+pipelines/data/online_retail is read for the whole-catalog checks."""
 
 from __future__ import annotations
 

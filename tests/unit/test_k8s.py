@@ -1,6 +1,6 @@
 """The Kubernetes manifests ops apply (k8s/): valid against the KubeRay CRD schemas, in step with
 serve.yaml, the app's settings and each other, and not leaking the dashboard or secrets.
-No cluster and no network: the CRDs are read from ../shared/schemas/kuberay beside the repo."""
+No cluster and no network: the CRDs are vendored in k8s/crds (see its SOURCE.md)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ from jsonschema.exceptions import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-# The repository is cloned under different names (main/ here, something else in CI); shared/
-# always sits beside it.
-CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
+CRDS = K8S / "crds"
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 
 DASHBOARD_PORT = 8265
@@ -159,8 +157,6 @@ CrdValidator = jsonschema.validators.extend(
 @cache
 def crd(kind: str) -> Doc:
     path = CRDS / CRD_FILES[kind]
-    if not path.is_file():
-        pytest.fail(f"KubeRay CRD not found at {path} (shared/ must sit beside the repository)")
     # The CRDs are ~1 MB of YAML: the libyaml loader (when PyYAML has it) is ten times faster.
     if yaml.__with_libyaml__:
         return yaml.load(path.read_bytes(), Loader=yaml.CSafeLoader)
