@@ -2,14 +2,20 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# The uv that installs the lock; pyproject.toml's [tool.uv] required-version is the one place it is set.
+UV_VERSION := $(shell sed -n 's/^required-version = "==\(.*\)"/\1/p' pyproject.toml)
+UV     := UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
+GET_UV := test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -qq uv==$(UV_VERSION); }
+STAMP  := $(VENV)/.lock-stamp
 
-.PHONY: setup run test lint openapi bench clean
+.PHONY: setup run test lint openapi bench bench-setup lock clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# .venv is built from scratch from uv.lock (runtime + dev groups) whenever the lock or
+# pyproject.toml changes; --locked refuses a lock that no longer matches pyproject.toml.
+$(STAMP): uv.lock pyproject.toml
+	rm -rf $(VENV)
+	$(GET_UV)
+	$(UV) sync --locked --inexact --quiet --group dev
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,8 +36,23 @@ lint: setup
 openapi: setup
 	$(BIN)/vurksha openapi
 
+## Refresh uv.lock to the newest versions pyproject.toml allows (the next make rebuilds .venv).
+lock:
+	$(GET_UV)
+	$(UV) lock --upgrade
+
+bench-setup: setup
+	$(UV) sync --locked --inexact --quiet --group dev --group bench
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else \
+	    echo "make bench needs wrk (a compiled HTTP load generator): sudo apt-get install wrk"; exit 1; \
+	  fi; }
+
 ## Benchmarks (not tests): each starts the backend, prints its figures and a baseline ratio.
-bench: setup
+## Ray runs its workers at nice 15; every load generator and floor runs at nice 15 too.
+bench: bench-setup
 	$(BIN)/python -m tests.bench.users_me
 	$(BIN)/python -m tests.bench.carts
 	$(BIN)/python -m tests.bench.search
