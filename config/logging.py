@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
+from typing import Any, TextIO
 
 _SECRET_PATTERNS = [
     re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+"),  # JWTs
@@ -14,23 +16,105 @@ _SECRET_PATTERNS = [
 
 
 class RedactSecrets(logging.Filter):
+    @staticmethod
+    def text(message: str) -> str:
+        for pattern in _SECRET_PATTERNS:
+            message = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[redacted]", message)
+        return message
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = message
-        for pattern in _SECRET_PATTERNS:
-            redacted = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[redacted]", redacted)
+        redacted = self.text(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Configure the root logger once per process (launcher, replicas, actors)."""
+# The launcher's progress lines: on the terminal at INFO when everything else goes to a file.
+STEPS = "vurksha.steps"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Warnings Ray prints on local starts that say nothing wrong about this setup: kept in the log
+# file, not shown to a newcomer as if something were. Serve binds loopback on purpose, and on
+# two cores Ray starts workers two at a time, so a replica may wait over 30 s for its turn (a
+# replica that never starts still fails the deploy step, loudly).
+BENIGN = (
+    re.compile(r"HTTPOptions\.host='127\.0\.0\.1' won't accept connections from HAProxy"),
+    re.compile(r"replicas that have taken more than \d+s to be scheduled"),
+)
+
+
+def _for_terminal(record: logging.LogRecord) -> bool:
+    if record.name == STEPS:
+        return True
+    return record.levelno >= logging.WARNING and not any(p.search(record.getMessage()) for p in BENIGN)
+
+
+def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
+    """Configure the root logger once per process (launcher, replicas, actors).
+
+    With `log_file` (the `vurksha run` terminal) everything at `level` goes to that file, and
+    the terminal gets only the launcher's steps, warnings and errors."""
     root = logging.getLogger()
     if any(isinstance(f, RedactSecrets) for h in root.handlers for f in h.filters):
         return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactSecrets())
-    root.addHandler(handler)
+    console = logging.StreamHandler()
+    console.addFilter(RedactSecrets())
+    if log_file is None:
+        console.setFormatter(logging.Formatter(FORMAT))
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter(FORMAT))
+        to_file.addFilter(RedactSecrets())
+        root.addHandler(to_file)
+        console.setFormatter(_TerminalFormatter())
+        console.addFilter(_for_terminal)
+    root.addHandler(console)
     root.setLevel(level.upper())
+
+
+class _TerminalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == STEPS:
+            return f"==> {record.getMessage()}"
+        return f"{record.levelname} {record.name}: {super().format(record)}"
+
+
+# A line of a worker's output that reports trouble: our format ("<date> <time> LEVEL name:"),
+# Serve's ("LEVEL <date> ..."), a Python warning, or the start of a traceback.
+_TROUBLE = re.compile(
+    r"^(?:\d{4}-\d\d-\d\d [\d:,.]+ )?(?:WARNING|ERROR|CRITICAL)\b|^\w*Warning: |^Traceback \(most recent"
+)
+# What continues a traceback or multi-line error: indented lines and the exception line.
+_CONTINUES = re.compile(r"^\s|^[\w.]+(?:Error|Exception|Exit|Interrupt)\b")
+
+
+class WorkerLogRouter:
+    """Ray forwards every worker's output to the driver (`log_to_driver`); this handler for it
+    writes all of it to `log_file` and copies only warnings, errors and tracebacks to
+    `terminal`, so a start shows its steps instead of hundreds of INFO lines."""
+
+    def __init__(self, log_file: Path, terminal: TextIO) -> None:
+        self._file = log_file.open("a", buffering=1)
+        self._terminal = terminal
+        self._redact = RedactSecrets()
+        self._showing: dict[object, bool] = {}  # per worker: inside a reported block
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        source = data.get("actor_name") or data.get("task_name") or "worker"
+        prefix = f"({source} pid={data.get('pid')})"
+        key = data.get("pid")
+        for line in data.get("lines", ()):
+            line = self._redact.text(line)
+            self._file.write(f"{prefix} {line}\n")
+            if _TROUBLE.search(line):
+                show = not any(p.search(line) for p in BENIGN)
+            else:
+                show = self._showing.get(key, False) and bool(_CONTINUES.search(line))
+            self._showing[key] = show
+            if show:
+                self._terminal.write(f"{prefix} {line}\n")
+        self._terminal.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -8,25 +8,73 @@ import asyncio
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
 
 from config.logging import setup_logging
 from config.settings import get_settings
 
 
-def _run() -> None:
-    from deployments.launcher import backend
+def _wait_until_answering(base: str, prefixes: list[str], timeout: float = 60) -> None:
+    """Every application's health route answers 200 through the ingress."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base, timeout=5) as client:
+        for prefix in prefixes:
+            while True:
+                try:
+                    if client.get(f"{prefix}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{base}{prefix}/healthz did not answer within {timeout:.0f} s")
+                time.sleep(0.2)
+
+
+def banner(base: str, prefixes: list[str], admin_phone: str, log_file: Path, seconds: float) -> str:
+    """What a newcomer needs once everything answers: where, the docs, who to log in as, how."""
+    from pipelines.seed import DEMO_CUSTOMERS
+
+    customer = str(DEMO_CUSTOMERS[0]["phone"])
+    lines = [
+        "",
+        f"Vurksha is up on {base} (started in {seconds:.0f} s)",
+        "",
+        "  API docs (Swagger UI) per service:",
+        *(f"    {prefix.strip('/'):<16} {base}{prefix}/docs" for prefix in prefixes),
+        "",
+        "  Demo logins, by phone OTP (outside production the code lands in the dev outbox):",
+        f"    admin       {admin_phone}",
+        "    customers   " + ", ".join(f"{c['phone']} ({c['name']})" for c in DEMO_CUSTOMERS),
+        f"    1. curl -s -X POST {base}/users/auth/otp -H 'content-type: application/json' \\",
+        f"            -d '{{\"phone\": \"{customer}\"}}'",
+        f"    2. curl -s '{base}/notifications/dev/outbox?to={quote(customer)}'   # the 6-digit code",
+        f"    3. curl -s -X POST {base}/users/auth/verify -H 'content-type: application/json' \\",
+        "            -d '{\"challenge_id\": \"<from 1>\", \"code\": \"<from 2>\"}'",
+        "",
+        f"  Logs: {log_file}",
+        "  Ctrl-C stops everything (Serve, Ray and the embedded PostgreSQL and Redis).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _run(log_file: Path) -> None:
+    from deployments.launcher import backend, load_serve_config
 
     # SIGINT and SIGTERM must unwind so that Ray and the embedded servers are stopped, even
     # when SIGINT was inherited as ignored (a background job of a non-interactive shell).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with backend() as settings:
+    began = time.monotonic()
+    with backend(worker_log=log_file) as settings:
         base = f"http://{settings.http_host}:{settings.http_port}"
-        print(
-            f"\nVurksha is up on {base}\n  API docs: {base}/<service>/docs, e.g. {base}/users/docs\n"
-            f"  merged OpenAPI: openapi.json in the repository\n  Ctrl-C stops everything.\n",
-            flush=True,
-        )
+        prefixes = [app["route_prefix"] for app in load_serve_config()["applications"]]
+        _wait_until_answering(base, prefixes)
+        print(banner(base, prefixes, settings.admin_phone, log_file, time.monotonic() - began), flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
@@ -65,10 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     openapi.add_argument("--check", action="store_true", help="exit 1 if openapi.json is stale")
     args = parser.parse_args(argv)
     settings = get_settings()
-    setup_logging(settings.log_level)
+    # `run` keeps the terminal for its steps, warnings and errors; the rest goes to a file.
+    log_file = settings.data_dir.resolve() / "logs" / "vurksha.log" if args.command == "run" else None
+    setup_logging(settings.log_level, log_file)
 
     if args.command == "run":
-        _run()
+        assert log_file is not None
+        _run(log_file)
     elif args.command in ("migrate", "seed", "outbox"):
         if not settings.database_url:
             parser.error("DATABASE_URL is not set (use `vurksha run` for the embedded servers)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +16,11 @@ from typing import Any
 
 import yaml
 
+from config.logging import STEPS, WorkerLogRouter
 from config.settings import Settings, get_settings
 
 log = logging.getLogger("vurksha.launcher")
+steps = logging.getLogger(STEPS)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = ROOT / "serve.yaml"
@@ -43,18 +46,28 @@ def prepare(settings: Settings, *, reset: bool = False) -> Settings:
     os.environ["VURKSHA_DATA_DIR"] = str(data_dir)
     if not settings.database_url:
         os.environ["DATABASE_URL"] = start_postgres(data_dir)
-        log.info("embedded PostgreSQL started under %s", data_dir / "postgres")
+        steps.info("embedded PostgreSQL 18 running (data in %s)", data_dir / "postgres")
     if not settings.redis_url:
         os.environ["REDIS_URL"] = start_redis(data_dir)
-        log.info("embedded Redis started under %s", data_dir / "redis")
+        steps.info("embedded Redis running (data in %s)", data_dir / "redis")
     get_settings.cache_clear()
     settings = get_settings()
     assert settings.database_url
     TokenService.from_settings(settings)  # create the dev signing key before replicas race for it
     if reset:
         asyncio.run(_reset(settings))
+    began = time.monotonic()
     upgrade(settings.database_url)
-    asyncio.run(seed(settings))
+    steps.info("database schema migrated to the latest revision (%.1f s)", time.monotonic() - began)
+    began = time.monotonic()
+    loaded = asyncio.run(seed(settings))
+    steps.info(
+        "seed data in place: %d stores, %d categories, %d products, demo users (%.1f s)",
+        loaded.stores,
+        loaded.categories,
+        loaded.products,
+        time.monotonic() - began,
+    )
     return settings
 
 
@@ -87,6 +100,9 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     # Local shutdown need not wait Serve's 30 s production drain.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Token authentication is Ray 2.60's default for local clusters; saying so explicitly also
+    # silences its warning on every start.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     # Replicas' uvicorn must not rewrite the client address from X-Forwarded-For: the
     # shared HTTP layer decides whom to believe (settings.trusted_proxies).
     os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
@@ -111,21 +127,31 @@ def _stop_orphaned_haproxy() -> None:
             proc.terminate()
 
 
-def start_ray(settings: Settings) -> None:
-    """A local Ray cluster on loopback, token authentication left on, no dashboard."""
+def start_ray(settings: Settings, worker_log: Path | None = None) -> None:
+    """A local Ray cluster on loopback, token authentication left on, no dashboard. With
+    `worker_log`, the workers' output goes to that file (warnings and errors also to stderr)."""
     local_ray_env()
     _stop_orphaned_haproxy()
     import ray
 
+    began = time.monotonic()
     ray.init(
         address="local",
         include_dashboard=False,
         log_to_driver=settings.env != "test",
         configure_logging=False,
     )
+    if worker_log is not None and settings.env != "test":
+        # Ray has no public hook for where forwarded worker output goes; its dispatcher has
+        # named handlers, and "ray_print_logs" is the one printing everything to the terminal.
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("vurksha", WorkerLogRouter(worker_log, sys.stderr))
     token = Path.home() / ".ray" / "auth_token"
     if token.exists():
         token.chmod(0o600)  # Ray writes it world-readable
+    steps.info("Ray started: loopback only, no dashboard, token auth (%.1f s)", time.monotonic() - began)
 
 
 def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: float = 300) -> None:
@@ -134,6 +160,11 @@ def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: fl
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
+    # Importing Serve gives its driver-side logger a handler of its own on stderr; let it go
+    # through ours instead (the log file, and the terminal only for warnings).
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.handlers.clear()
+    serve_logger.propagate = True
     config = dict(config or load_serve_config())
     # Replicas log access lines unless each application says not to (the global switch
     # covers only the controller and proxy).
@@ -151,7 +182,9 @@ def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: fl
     )
     client.deploy_apps(schema)
     names = [app.name for app in schema.applications]
-    deadline = time.monotonic() + timeout
+    steps.info("deploying %d applications from serve.yaml…", len(names))
+    began = time.monotonic()
+    deadline = began + timeout
     while True:
         statuses = serve.status().applications
         failed = {
@@ -162,6 +195,7 @@ def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: fl
         if failed:
             raise RuntimeError(f"deploy failed: {failed}")
         if all(n in statuses and statuses[n].status == ApplicationStatus.RUNNING for n in names):
+            steps.info("all %d applications running (%.0f s)", len(names), time.monotonic() - began)
             return
         if time.monotonic() > deadline:
             raise TimeoutError(
@@ -183,13 +217,15 @@ def shutdown() -> None:
 
 
 @contextmanager
-def backend(settings: Settings | None = None, *, reset: bool = False) -> Iterator[Settings]:
+def backend(
+    settings: Settings | None = None, *, reset: bool = False, worker_log: Path | None = None
+) -> Iterator[Settings]:
     """The whole backend, started and stopped around a block."""
     from config.embedded import stop_all
 
     try:
         settings = prepare(settings or get_settings(), reset=reset)
-        start_ray(settings)
+        start_ray(settings, worker_log)
         deploy(settings)
         yield settings
     finally:
