@@ -9,7 +9,9 @@ Prints req/s, p50/p99 and the Serve/Redis ratio.
 
     python -m tests.bench.carts --seconds 15 --concurrency 32 --users 256
 
-The load generator shares the 2-core machine with the backend: compare within the run.
+HTTP load comes from `wrk`, cycling through pre-built requests (users and products in random
+order); it and the Redis floor run at nice 15 like Ray's workers, on the same 2-core machine as
+the backend: compare within the run.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-import aiohttp
-
-from tests.bench.common import bench_arguments, bench_environment, load, report, summary
+from tests.bench.common import at_bench_niceness, bench_arguments, bench_environment, report, summary, wrk
 
 
 async def redis_floor(
@@ -144,25 +144,17 @@ def main() -> None:
         base = f"http://{settings.http_host}:{settings.http_port}/carts/me"
         tokens, products = asyncio.run(make_fixture(settings, args.users, args.products))
         headers = [{"Authorization": f"Bearer {t}"} for t in tokens]
-        turn = itertools.count()
-
-        async def add(session: aiohttp.ClientSession) -> int:
-            body = {"product_id": random.choice(products), "quantity": 1}
-            async with session.post(
-                f"{base}/items", json=body, headers=headers[next(turn) % len(headers)]
-            ) as r:
-                await r.read()
-                return r.status
-
-        async def read(session: aiohttp.ClientSession) -> int:
-            async with session.get(base, headers=headers[next(turn) % len(headers)]) as r:
-                await r.read()
-                return r.status
+        at_bench_niceness()
+        adds = [
+            ("POST", f"{base}/items", random.choice(headers), json.dumps({"product_id": random.choice(products), "quantity": 1}))
+            for _ in range(4096)
+        ]
+        reads = [("GET", base, h, None) for h in headers]
 
         results: dict[str, dict[str, float]] = {}
-        asyncio.run(load(read, 3, args.concurrency))  # warm up: shards, pools, caches
-        results["POST /carts/me/items (Serve)"] = asyncio.run(load(add, args.seconds, args.concurrency))
-        results["GET /carts/me (Serve)"] = asyncio.run(load(read, args.seconds, args.concurrency))
+        wrk(reads, 3, args.concurrency)  # warm up: shards, pools, caches
+        results["POST /carts/me/items (Serve)"] = wrk(adds, args.seconds, args.concurrency)
+        results["GET /carts/me (Serve)"] = wrk(reads, args.seconds, args.concurrency)
 
         # The Redis floor uses the carts as the run left them: the same JSON sizes.
         import redis as sync_redis

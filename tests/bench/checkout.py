@@ -17,7 +17,9 @@ product's `reserved` must equal what the successful checkouts ordered of it.
 
     python -m tests.bench.checkout --seconds 15 --concurrency 32
 
-The load generator shares the 2-core machine with the backend: compare within the run.
+The load generator is aiohttp (each checkout is a two-request journey with a fresh key, which
+`wrk` cannot script); it and the floor run at nice 15 like Ray's workers, on the same 2-core
+machine as the backend: compare within the run.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from typing import Any
 
 import aiohttp
 
-from tests.bench.common import asyncpg_dsn, bench_arguments, bench_environment, login, report, summary
+from tests.bench.common import (
+    asyncpg_dsn,
+    at_bench_niceness,
+    bench_arguments,
+    bench_environment,
+    login,
+    report,
+    summary,
+)
 
 STOCK = 10_000_000
 SHOW_ERRORS = 5
@@ -414,6 +424,7 @@ def main() -> None:
         customers = make_customers(base, n * args.customers_per_client, lat, lng)
         setup_s = time.perf_counter() - began
         clients = [customers[i::n] for i in range(n)]
+        at_bench_niceness()
 
         results: dict[str, Run] = {}
         # Warm up (pools, shard actors, caches) on the distinct products; counted in the stock check.

@@ -4,13 +4,13 @@ worker) against the same PostgreSQL and Redis. Prints req/s, p50/p99 and Serve/u
 
     make bench            # or: python -m tests.bench.users_me --seconds 15 --concurrency 32
 
-The load generator is one asyncio process (aiohttp) on the same 2-core machine, so both
-targets are measured with the same, CPU-competing client: compare the ratio, not absolutes.
+The load generator is `wrk` at nice 15 (Ray's workers' niceness) on the same 2-core machine,
+and the uvicorn baseline runs at nice 15 too, so both targets are measured with the same,
+CPU-competing client: compare the ratio, not absolutes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -18,7 +18,16 @@ import time
 
 import httpx
 
-from tests.bench.common import ROOT, bench_arguments, bench_environment, free_port, get, load, login, report
+from tests.bench.common import (
+    ROOT,
+    at_bench_niceness,
+    bench_arguments,
+    bench_environment,
+    free_port,
+    login,
+    report,
+    wrk,
+)
 
 
 def main() -> None:
@@ -32,6 +41,7 @@ def main() -> None:
         serve_base = f"http://{settings.http_host}:{settings.http_port}"
         token = login(serve_base)
         headers = {"Authorization": f"Bearer {token}"}
+        at_bench_niceness()  # the uvicorn baseline inherits it
         port = free_port()
         uvicorn = subprocess.Popen(
             [
@@ -64,8 +74,8 @@ def main() -> None:
                 ("Serve (HAProxy ingress)", f"{serve_base}/users/me"),
                 ("uvicorn (bare, 1 worker)", f"http://127.0.0.1:{port}/me"),
             ):
-                asyncio.run(load(get(url), 2, args.concurrency, headers))  # warm up pools and caches
-                results[name] = asyncio.run(load(get(url), args.seconds, args.concurrency, headers))
+                wrk([("GET", url, headers, None)], 2, args.concurrency)  # warm up pools and caches
+                results[name] = wrk([("GET", url, headers, None)], args.seconds, args.concurrency)
         finally:
             uvicorn.terminate()
             uvicorn.wait(timeout=10)
