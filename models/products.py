@@ -54,7 +54,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
 from models.db import Base, TimestampMixin, new_id, patch_changes
 from models.errors import AppError, Conflict, NotFound, Unprocessable
-from models.users import Address, Lat, Lng, no_nul, storable
+from models.users import Address, Lat, Lng, no_nul, round_coordinate, storable
 
 # GST slabs in basis points (0 %, 5 %, 12 %, 18 %, 28 %).
 GST_SLABS_BP = (0, 500, 1200, 1800, 2800)
@@ -275,7 +275,7 @@ def serving_stores_query(lat: Coordinate, lng: Coordinate) -> Select[Store, floa
 
 async def serving_stores(session: AsyncSession, lat: float, lng: float) -> list[tuple[Store, float]]:
     """Active stores whose service radius covers the point, nearest first, with distance."""
-    rows = await session.execute(serving_stores_query(lat, lng))
+    rows = await session.execute(serving_stores_query(round_coordinate(lat), round_coordinate(lng)))
     return [(store, float(km)) for store, km in rows.all()]
 
 

@@ -277,8 +277,15 @@ Landmark = Annotated[Text, StringConstraints(max_length=120)]
 City = Annotated[Text, StringConstraints(max_length=100)]
 Pincode = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{5}$")]
 # Strict: a number, never a numeric string (the documented type is a number).
-Lat = Annotated[float, Field(strict=True, ge=-90, le=90)]
-Lng = Annotated[float, Field(strict=True, ge=-180, le=180)]
+def round_coordinate(degrees: float) -> float:
+    """Degrees to 7 decimals (about 1 cm): finer is noise, and PostgreSQL's float arithmetic
+    raises "underflow" where a distance formula squares a subnormal difference (a store at
+    latitude 1e-160 made every nearby search there a 500)."""
+    return round(degrees, 7)
+
+
+Lat = Annotated[float, Field(strict=True, ge=-90, le=90), AfterValidator(round_coordinate)]
+Lng = Annotated[float, Field(strict=True, ge=-180, le=180), AfterValidator(round_coordinate)]
 
 
 class AddressIn(Strict):

@@ -221,6 +221,19 @@ def test_nearby_stores_nearest_first_and_not_serviceable(live: Live, cat: Catalo
     problem(client.get("/products/stores/nearby", params={"lat": 91, "lng": 0}), 422, "validation_error")
 
 
+def test_coordinates_too_fine_for_float_arithmetic_are_rounded(live: Live, cat: Catalog):
+    # Squaring a subnormal difference raised "value out of range: underflow" in PostgreSQL (a
+    # 500 the API fuzzer found): coordinates are kept to 7 decimals (about 1 cm).
+    tiny = cat.store("tiny", 0, lat=1e-160, lng=1e-160)
+    assert (tiny["lat"], tiny["lng"]) == (0.0, 0.0)
+    try:
+        for lat, lng in ((0.0, 0.0), (1e-160, 1e-160), (-1e-300, 5e-324)):
+            nearby = ok(live.client().get("/products/stores/nearby", params={"lat": lat, "lng": lng}))
+            assert nearby[0]["id"] == tiny["id"] and nearby[0]["distance_km"] == 0
+    finally:
+        ok(cat.admin.request("PATCH", f"/products/stores/{tiny['id']}", json={"is_active": False}))
+
+
 def test_store_hours_inactive_stores_and_store_admin(live: Live, cat: Catalog):
     local = datetime.now(UTC).astimezone(ZoneInfo("Asia/Kolkata"))
     opens = (local + timedelta(hours=2)).time().replace(microsecond=0)

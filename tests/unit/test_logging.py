@@ -39,7 +39,7 @@ def test_terminal_gets_steps_and_warnings_the_file_gets_everything(run_logging):
     logging.getLogger(STEPS).info("database schema migrated")
     logging.getLogger("alembic.runtime.migration").info("Running upgrade 0002 -> 0003")
     logging.getLogger("vurksha.launcher").warning("stopping orphaned Serve haproxy")
-    logging.getLogger("ray.serve").warning(
+    logging.getLogger("vurksha.launcher").warning(
         "HTTPOptions.host='127.0.0.1' won't accept connections from HAProxy on other nodes"
     )
     logging.getLogger("vurksha.users").error("token %s refused", JWT)
