@@ -115,6 +115,59 @@ class Settings(BaseSettings):
     outbox_lease_seconds: float = Field(default=30, gt=0)
     outbox_retention_days: int = Field(default=7, ge=1)
 
+    # Delivery: partners' positions, dispatch and ETAs (the pure rules in models/delivery_rules.py).
+    # A partner is a dispatch candidate only while their last kept position is this recent: the
+    # app streams about once a second, and 30 s of silence at city speed is already ~150 m of
+    # drift, or a phone that has put the app to sleep.
+    partner_fresh_position_seconds: float = Field(default=30, gt=0)
+    # Points closer in time than this to the last kept one are dropped (Traccar's minPeriod):
+    # below the app's 1 Hz cadence, so clock jitter never drops a regular point, while a
+    # client replaying a burst cannot fill the trail.
+    partner_position_min_period_seconds: float = Field(default=0.5, ge=0)
+    # Phone GPS outdoors reports 5-30 m; a fix worse than this is a cell/Wi-Fi guess, useless
+    # for matching at the store or for "arrived".
+    partner_position_max_accuracy_m: float = Field(default=100, gt=0)
+    # ~120 km/h: faster than any delivery vehicle moves in a city, far slower than the
+    # hundreds of km/h a GPS jump implies.
+    partner_position_max_speed_mps: float = Field(default=33, gt=0)
+    # Device clocks are NTP-synced to within seconds; a point further ahead than this is a
+    # broken clock, and keeping it would pin the "latest" position in the future.
+    partner_position_future_tolerance_seconds: float = Field(default=60, ge=0)
+    # Points kept per partner in the shard's trail: two minutes at 1 Hz, enough for the live
+    # map's tail (the trail is not a history: deliveries keep their own events).
+    partner_trail_length: int = Field(default=120, ge=1, le=10_000)
+    # An offer is answered in this long or goes to the next candidate; three silent expiries
+    # in a row mean the phone is not being watched, and the partner is set offline.
+    partner_offer_expiry_seconds: float = Field(default=20, gt=0)
+    partner_expiries_before_offline: int = Field(default=3, ge=1)
+    # WebSocket bounds (both sockets). A position message is ~200 bytes and an auth message
+    # with its JWT ~1 KB; the app sends ~1 message/s, so 10/s leaves room for a reconnect
+    # burst and offer replies while a flood is closed, not queued.
+    delivery_ws_max_message_bytes: int = Field(default=4096, ge=256)
+    delivery_ws_max_messages_per_second: float = Field(default=10, gt=0)
+    # Replicas gather position messages for this long and send one call per shard: tens of
+    # ms is invisible on a map yet turns thousands of messages/s into tens of actor calls.
+    partner_position_coalesce_ms: int = Field(default=50, ge=1, le=1000)
+    # Batching: orders of one store whose drops are all within this distance of each other
+    # (a block or a gated society in a dense Indian city) may go as one trip ...
+    delivery_batch_close_m: float = Field(default=500, ge=0)
+    # ... if no order in it reaches its customer later than this compared with going alone
+    # (a 10-minute promise absorbs about 5 minutes of batching, not more) ...
+    delivery_batch_max_added_delay_seconds: float = Field(default=300, ge=0)
+    # ... and a partner carries at most this many orders (one delivery bag).
+    delivery_batch_max_orders: int = Field(default=3, ge=1, le=10)
+    # Road distance / straight-line distance (the detour index). Figures of about 1.3-1.4
+    # are the ones commonly reported for Indian cities' road networks.
+    delivery_road_factor: float = Field(default=1.35, ge=1)
+    # Effective door-to-door speeds in congested city traffic (signals and turns included),
+    # not cruising speeds: ~12 km/h by bicycle, ~20 km/h on a two-wheeler (scooter or
+    # motorbike), ~15 km/h by car, which loses to two-wheelers in Indian traffic.
+    delivery_speed_bicycle_mps: float = Field(default=3.3, gt=0)
+    delivery_speed_two_wheeler_mps: float = Field(default=5.5, gt=0)
+    delivery_speed_car_mps: float = Field(default=4.2, gt=0)
+    # Parking, finding the door or the lift, handing over: added to an ETA once per drop.
+    delivery_handover_seconds: float = Field(default=120, ge=0)
+
     admin_phone: str = DEV_ADMIN_PHONE
 
     # Seed catalog: the Online Retail Parquet file (default: the copy vendored in
