@@ -3,10 +3,15 @@ whichever process asks for it first (`named`)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import uuid
 from typing import Any
 
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError, RayTaskError
+
+from models.errors import AppError, ServiceUnavailable
 
 NAMESPACE = "vurksha"
 
@@ -25,3 +30,23 @@ def named(actor_class: Any, name: str, *args: Any) -> ActorHandle:
                 name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
             ).remote(*args)
         return handle
+
+
+def shard_index(key: uuid.UUID, shards: int) -> int:
+    """The shard of `key`: stable across processes and restarts (unlike Python's salted `hash`)."""
+    digest = hashlib.blake2b(key.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+async def call(ref: Any, *, unavailable: str, code: str) -> Any:
+    """Await an actor call, turning its failures into our errors: an AppError raised in the
+    actor comes back as itself (Ray wraps it), a dead or restarting actor as a 503 with
+    `unavailable` and `code`."""
+    try:
+        return await ref
+    except RayTaskError as exc:
+        if isinstance(exc.cause, AppError):
+            raise exc.cause from None
+        raise
+    except RayActorError as exc:  # includes ActorUnavailableError
+        raise ServiceUnavailable(unavailable, code=code) from exc

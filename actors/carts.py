@@ -15,7 +15,6 @@ which is safe only across a full restart (their carts reload from Redis there).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 import uuid
@@ -26,11 +25,10 @@ from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayTaskError
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from actors import named
+from actors import call, named, shard_index
 from config.settings import Settings, get_settings
 from models import carts
 from models.carts import (
@@ -43,19 +41,12 @@ from models.carts import (
     SetQuantity,
 )
 from models.db import make_engine, make_redis, make_sessionmaker, utcnow
-from models.errors import AppError, ServiceUnavailable
 
 T = TypeVar("T")
 
 
 def shard_name(index: int) -> str:
     return f"cart-shard-{index}"
-
-
-def shard_index(user_id: uuid.UUID, shards: int) -> int:
-    """Stable across processes and restarts (unlike Python's salted `hash`)."""
-    digest = hashlib.blake2b(user_id.bytes, digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
 
 
 def cart_key(user_id: uuid.UUID) -> str:
@@ -267,24 +258,16 @@ async def get_shard(user_id: uuid.UUID) -> ActorHandle:
     return handles[shard_index(user_id, len(handles))]
 
 
-async def call(ref: Any) -> Any:
-    """Await an actor call, turning its failures into our errors: an AppError raised in the
-    actor comes back as itself (Ray wraps it), a dead or restarting actor as a 503."""
-    try:
-        return await ref
-    except RayTaskError as exc:
-        if isinstance(exc.cause, AppError):
-            raise exc.cause from None
-        raise
-    except RayActorError as exc:  # includes ActorUnavailableError
-        raise ServiceUnavailable(
-            "Your cart is briefly unavailable; please retry", code="cart_unavailable"
-        ) from exc
+async def call_cart(ref: Any) -> Any:
+    """Await a shard call: its AppErrors as themselves, a dead shard as 503 `cart_unavailable`."""
+    return await call(
+        ref, unavailable="Your cart is briefly unavailable; please retry", code="cart_unavailable"
+    )
 
 
 async def on_shard(user_id: uuid.UUID, method: str, *args: Any) -> CartView:
     """Call one `CartShard` method for this user's cart on the shard that holds it: the
     carts routes' single handle hop."""
     shard = await get_shard(user_id)
-    result: CartView = await call(getattr(shard, method).remote(user_id, *args))
+    result: CartView = await call_cart(getattr(shard, method).remote(user_id, *args))
     return result

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Query, Response
 
-from actors.carts import call, get_shard
+from actors.carts import call_cart, get_shard
 from actors.jobs import janitor
 from actors.outbox import relay
 from deployments.common import CurrentUser, Db, IdempotencyKey, create_api, resources, serve_builder
@@ -60,12 +60,12 @@ async def checkout(body: CheckoutIn, principal: CurrentUser, db: Db, key: Idempo
     shard = await get_shard(principal.id)
 
     async def load_cart() -> CartState:
-        state: CartState = await call(shard.snapshot.remote(principal.id))
+        state: CartState = await call_cart(shard.snapshot.remote(principal.id))
         return state
 
     async def consume_cart(cart: CartState) -> None:
         try:
-            await call(shard.consume.remote(principal.id, cart))
+            await call_cart(shard.consume.remote(principal.id, cart))
         except AppError:
             # The order stands; the cart keeps its lines (and cannot be ordered twice: its
             # version is taken). The customer sees them and clears them.
@@ -147,10 +147,13 @@ async def cancel_order(order_id: uuid.UUID, body: CancelIn, principal: CurrentUs
 async def transition_order(
     order_id: uuid.UUID, body: TransitionIn, principal: CurrentUser, db: Db
 ) -> OrderOut:
-    """Move an order along as the store: `confirmed`, `packed`, `out_for_delivery` (the
-    stock leaves the shelf), `delivered`, or `cancelled` (refunded if paid). Staff of the
-    order's store, ops and admins. 409 `invalid_transition` for a move the lifecycle does not
-    allow, 409 `version_conflict` when `version` is stale."""
+    """Move an order along as the store: `confirmed`, `packed`, or `cancelled` (refunded if
+    paid); staff of the order's store, ops and admins. The delivery service moves it on from
+    the partner's progress (`out_for_delivery`: the stock leaves the shelf; `delivered`;
+    `delivery_failed`; `returned`: back on the shelf, refunded if paid); ops and admins may
+    set those by hand only with a `reason` (422 `reason_required`), recorded in the history.
+    403 `forbidden_transition` for a move the caller may not make, 409 `invalid_transition`
+    for one the lifecycle does not allow, 409 `version_conflict` when `version` is stale."""
     order = await orders.get_visible(db, order_id, principal.user, lock=True)
     actor = orders.actor_for_role(principal.role)
     if actor == "customer":

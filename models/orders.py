@@ -4,7 +4,8 @@ transition table, its append-only history, and how payment events move an order.
 Stock. `inventory.reserved` holds what orders have claimed. An order's `reservation` says
 where its claim is: `held` (unpaid online order; released when `reservation_expires_at`
 passes), `committed` (paid or cash on delivery; kept until the order leaves the store),
-`fulfilled` (handed to the partner: on hand and reserved both drop) or `released` (cancelled).
+`fulfilled` (handed to the partner: on hand and reserved both drop), `released` (cancelled)
+or `returned` (a failed delivery brought back: on hand grows again).
 Every move of the reservation is a conditional change of the order row made under its lock,
 so stock is released or consumed exactly once.
 
@@ -83,6 +84,9 @@ class Status(enum.StrEnum):
     packed = "packed"
     out_for_delivery = "out_for_delivery"
     delivered = "delivered"
+    # The partner could not hand it over (customer unreachable, refused); the bag goes back.
+    delivery_failed = "delivery_failed"
+    returned = "returned"  # back at the store: stock on the shelf again, paid money refunded
     cancelled = "cancelled"
     partially_refunded = "partially_refunded"
     refunded = "refunded"
@@ -96,24 +100,31 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     S.placed: frozenset({S.confirmed, S.cancelled}),
     S.confirmed: frozenset({S.packed, S.cancelled}),
     S.packed: frozenset({S.out_for_delivery, S.cancelled}),
-    S.out_for_delivery: frozenset({S.delivered}),
+    S.out_for_delivery: frozenset({S.delivered, S.delivery_failed}),
+    S.delivery_failed: frozenset({S.returned}),
+    S.returned: frozenset(),
     S.delivered: frozenset({S.partially_refunded, S.refunded}),
     S.partially_refunded: frozenset({S.partially_refunded, S.refunded}),
     S.cancelled: frozenset(),
     S.refunded: frozenset(),
 }
 
-Actor = Literal["customer", "staff", "ops", "admin", "system", "gateway"]
+Actor = Literal["customer", "staff", "ops", "admin", "system", "gateway", "delivery"]
 
 # Who may ask for which target status (the table above says from where).
 CUSTOMER_TARGETS = frozenset({S.cancelled})
-STAFF_TARGETS = frozenset({S.confirmed, S.packed, S.out_for_delivery, S.delivered, S.cancelled})
+STAFF_TARGETS = frozenset({S.confirmed, S.packed, S.cancelled})
+# The delivery service drives these from the partner's progress (see models.delivery); ops
+# and admins may still set them by hand, as an audited override with a reason.
+DELIVERY_TARGETS = frozenset({S.out_for_delivery, S.delivered, S.delivery_failed, S.returned})
+OPS_TARGETS = STAFF_TARGETS | DELIVERY_TARGETS
 SYSTEM_TARGETS = frozenset(Status)
 ACTOR_TARGETS: dict[str, frozenset[Status]] = {
     "customer": CUSTOMER_TARGETS,
     "staff": STAFF_TARGETS,
-    "ops": STAFF_TARGETS,
-    "admin": STAFF_TARGETS,
+    "ops": OPS_TARGETS,
+    "admin": OPS_TARGETS,
+    "delivery": DELIVERY_TARGETS,
     "system": SYSTEM_TARGETS,
     "gateway": SYSTEM_TARGETS,
 }
@@ -121,16 +132,25 @@ ACTOR_TARGETS: dict[str, frozenset[Status]] = {
 RELEASES_STOCK = frozenset({S.cancelled})
 FULFILS_STOCK = frozenset({S.out_for_delivery})
 COMMITS_STOCK = frozenset({S.placed})
+RESTOCKS = frozenset({S.returned})
+# A paid order that ends here is refunded in full.
+REFUNDS_IN_FULL = frozenset({S.cancelled, S.returned})
 
 
 class InvalidTransition(Conflict):
     code = "invalid_transition"
 
 
-def check_transition(current: Status, target: Status, actor: str) -> None:
-    """Raise unless `actor` may move an order from `current` to `target`."""
+def check_transition(current: Status, target: Status, actor: str, reason: str | None = None) -> None:
+    """Raise unless `actor` may move an order from `current` to `target`. Ops and admins
+    moving what the delivery service drives must say why (422 `reason_required`)."""
     if target not in ACTOR_TARGETS.get(actor, frozenset()):
         raise Forbidden(f"A {actor} cannot move an order to {target}", code="forbidden_transition")
+    if actor in ("ops", "admin") and target in DELIVERY_TARGETS and not reason:
+        raise Unprocessable(
+            f"Setting {target} by hand overrides the delivery service: give a reason",
+            code="reason_required",
+        )
     if target not in TRANSITIONS[current]:
         raise InvalidTransition(
             f"An order that is {current} cannot become {target}",
@@ -150,7 +170,9 @@ class Order(Base):
     __tablename__ = "orders"
     __table_args__ = (
         CheckConstraint(f"status IN ({', '.join(repr(s.value) for s in Status)})", name="status"),
-        CheckConstraint("reservation IN ('held', 'committed', 'fulfilled', 'released')", name="reservation"),
+        CheckConstraint(
+            "reservation IN ('held', 'committed', 'fulfilled', 'released', 'returned')", name="reservation"
+        ),
         CheckConstraint("payment_method IN ('online', 'cod')", name="payment_method"),
         CheckConstraint(
             "subtotal_paise >= 0 AND coupon_discount_paise >= 0 AND coupon_discount_paise <= subtotal_paise"
@@ -264,7 +286,9 @@ class CancelIn(Strict):
 
 
 class TransitionIn(Strict):
-    to: Literal["confirmed", "packed", "out_for_delivery", "delivered", "cancelled"]
+    to: Literal[
+        "confirmed", "packed", "cancelled", "out_for_delivery", "delivered", "delivery_failed", "returned"
+    ]
     reason: Reason | None = None
     version: int | None = Field(default=None, strict=True, ge=1)
 
@@ -416,6 +440,16 @@ async def _move_stock(session: AsyncSession, order: Order, *, consume: bool) -> 
         )
 
 
+async def _restock(session: AsyncSession, order: Order) -> None:
+    """A returned bag's goods go back on the shelf (their reservation ended at pickup)."""
+    for line in await _lines(session, order.id):
+        await session.execute(
+            update(Inventory)
+            .where(Inventory.store_id == order.store_id, Inventory.product_id == line.product_id)
+            .values(on_hand=Inventory.on_hand + line.quantity)
+        )
+
+
 async def _mark_first_order(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:
     """The user's first placed order ends their first-order coupons."""
     await session.execute(
@@ -443,7 +477,7 @@ async def transition(
             extra={"current_version": order.version, "current_status": order.status},
         )
     previous = Status(order.status)
-    check_transition(previous, target, actor)
+    check_transition(previous, target, actor, reason)
     if target in RELEASES_STOCK and order.reservation in ("held", "committed"):
         await _move_stock(session, order, consume=False)
         order.reservation = "released"
@@ -453,6 +487,9 @@ async def transition(
     if target in FULFILS_STOCK and order.reservation == "committed":
         await _move_stock(session, order, consume=True)
         order.reservation = "fulfilled"
+    if target in RESTOCKS and order.reservation == "fulfilled":
+        await _restock(session, order)
+        order.reservation = "returned"
     if target in COMMITS_STOCK and order.reservation == "held":
         order.reservation = "committed"
         order.reservation_expires_at = None
@@ -461,7 +498,7 @@ async def transition(
         await _mark_first_order(session, order.user_id, now)
     elif target == S.delivered:
         order.delivered_at = now
-    elif target == S.cancelled:
+    elif target in (S.cancelled, S.delivery_failed):
         order.cancelled_at = now
         order.cancel_reason = reason
     order.status = target
@@ -469,41 +506,6 @@ async def transition(
     order.updated_at = now
     await _record(session, order, previous, actor, actor_user_id, reason, now)
     await session.flush()
-    return order
-
-
-async def cancel(
-    session: AsyncSession,
-    order: Order,
-    *,
-    actor: str,
-    actor_user_id: uuid.UUID | None,
-    reason: str | None,
-    expected_version: int | None = None,
-    now: datetime,
-) -> Order:
-    """Cancel a locked order: its stock and coupon use go back, and whatever was captured is
-    refunded in full (once: the refund's key is the cancellation)."""
-    await transition(
-        session,
-        order,
-        S.cancelled,
-        actor=actor,
-        actor_user_id=actor_user_id,
-        reason=reason,
-        expected_version=expected_version,
-        now=now,
-    )
-    payment = await _lock_payment(session, order.id)
-    if payment is not None and payment.captured_paise > payment.refund_reserved_paise:
-        await request_refund(
-            session,
-            payment,
-            amount_paise=None,
-            reason=f"order cancelled: {reason or actor}"[:200],
-            idempotency_key="order-cancelled",
-            requested_by=actor_user_id,
-        )
     return order
 
 
@@ -515,14 +517,34 @@ async def change_status(
     actor: str,
     actor_user_id: uuid.UUID | None,
     reason: str | None,
-    expected_version: int | None,
+    expected_version: int | None = None,
     now: datetime,
 ) -> Order:
-    """A requested move (customer or staff): cancelling also refunds, see `cancel`."""
-    who: dict[str, Any] = {"actor": actor, "actor_user_id": actor_user_id, "reason": reason}
-    if target == S.cancelled:
-        return await cancel(session, order, **who, expected_version=expected_version, now=now)
-    return await transition(session, order, target, **who, expected_version=expected_version, now=now)
+    """Move a locked order (see `transition`). An order that ends cancelled or returned has
+    whatever was captured refunded in full, once: the refund's key is the ending."""
+    await transition(
+        session,
+        order,
+        target,
+        actor=actor,
+        actor_user_id=actor_user_id,
+        reason=reason,
+        expected_version=expected_version,
+        now=now,
+    )
+    if target not in REFUNDS_IN_FULL:
+        return order
+    payment = await _lock_payment(session, order.id)
+    if payment is not None and payment.captured_paise > payment.refund_reserved_paise:
+        await request_refund(
+            session,
+            payment,
+            amount_paise=None,
+            reason=f"order {target}: {reason or actor}"[:200],
+            idempotency_key=f"order-{target}",
+            requested_by=actor_user_id,
+        )
+    return order
 
 
 async def _lock_payment(session: AsyncSession, order_id: uuid.UUID) -> Payment | None:
@@ -978,8 +1000,14 @@ async def expire_reservation(session: AsyncSession, order_id: uuid.UUID, now: da
         return False
     if order.reservation_expires_at > now:
         return False
-    await cancel(
-        session, order, actor="system", actor_user_id=None, reason="payment not received in time", now=now
+    await change_status(
+        session,
+        order,
+        S.cancelled,
+        actor="system",
+        actor_user_id=None,
+        reason="payment not received in time",
+        now=now,
     )
     return True
 

@@ -45,7 +45,7 @@ from models import orders
 from models.carts import CartLine, CartState
 from models.db import make_engine, make_sessionmaker, utcnow
 from models.errors import AppError
-from models.orders import TRANSITIONS, CheckoutIn, Status
+from models.orders import STAFF_TARGETS, TRANSITIONS, CheckoutIn, Status
 from models.payments import payment_for_order, request_refund
 from tests.conftest import Live, fake_phone
 
@@ -59,6 +59,8 @@ EXPECTED_RESERVATION = {
     S.packed: "committed",
     S.out_for_delivery: "fulfilled",
     S.delivered: "fulfilled",
+    S.delivery_failed: "fulfilled",
+    S.returned: "returned",
     S.partially_refunded: "fulfilled",
     S.refunded: "fulfilled",
     S.cancelled: "released",
@@ -69,6 +71,7 @@ STAFF_NEXT = {
     S.confirmed: S.packed,
     S.packed: S.out_for_delivery,
     S.out_for_delivery: S.delivered,
+    S.delivery_failed: S.returned,
 }
 
 
@@ -285,6 +288,8 @@ class OrderMachine(RuleBasedStateMachine):
             order.reservation = "released"
         if target == S.out_for_delivery and order.reservation == "committed":
             order.reservation = "fulfilled"
+        if target == S.returned and order.reservation == "fulfilled":
+            order.reservation = "returned"
         if target == S.placed and order.reservation == "held":
             order.reservation = "committed"
         order.status = target
@@ -296,15 +301,15 @@ class OrderMachine(RuleBasedStateMachine):
         order.refund_reserved += amount
         self.refunds.append((order, key))
 
-    def cancel_in_model(self, order: MOrder) -> None:
-        self.move(order, S.cancelled)
+    def end_in_model(self, order: MOrder, target: Status = S.cancelled) -> None:
+        """Cancelled or returned: whatever was captured and not yet refunded is refunded."""
+        self.move(order, target)
+        key = f"order-{target}"
         if order.captured > order.refund_reserved:
             # Filled in from the database by the caller (the refund's id).
-            order.refunds["order-cancelled"] = MRefund(
-                uuid.UUID(int=0), order.captured - order.refund_reserved
-            )
+            order.refunds[key] = MRefund(uuid.UUID(int=0), order.captured - order.refund_reserved)
             order.refund_reserved = order.captured
-            self.refunds.append((order, "order-cancelled"))
+            self.refunds.append((order, key))
 
     async def refund_id(self, s: AsyncSession, order: MOrder, key: str) -> uuid.UUID:
         return uuid.UUID(
@@ -479,9 +484,10 @@ class OrderMachine(RuleBasedStateMachine):
         async def go(s: AsyncSession) -> None:
             locked = await orders.lock_order(s, order.id)
             assert locked is not None
-            await orders.cancel(
+            await orders.change_status(
                 s,
                 locked,
+                S.cancelled,
                 actor=actor,
                 actor_user_id=self.customers[order.user].id if actor == "customer" else None,
                 reason="changed my mind",
@@ -492,21 +498,24 @@ class OrderMachine(RuleBasedStateMachine):
         outcome = self.act(go, order)
         self.expect(outcome, expected, f"{actor} cancels a {order.status} order")
         if expected is None:
-            self.cancel_in_model(order)
+            self.end_in_model(order)
             if "order-cancelled" in order.refunds:
                 self.fill_refund_id(order, "order-cancelled")
 
     @precondition(lambda self: self.orders)
     @rule(
         data=st.data(),
-        to=st.sampled_from(["next", "next", "next", S.confirmed, S.packed, S.out_for_delivery, S.delivered]),
+        to=st.sampled_from(
+            ["next", "next", "next", S.confirmed, S.packed, S.out_for_delivery, S.delivered, S.delivery_failed, S.returned]
+        ),
         version=st.sampled_from(["none", "none", "current", "stale"]),
         times=st.integers(1, 3),
     )
     def staff_moves(self, data: st.DataObject, to: Status | str, version: str, times: int) -> None:
-        """Staff move an order along: mostly an order in the store's hands to its next status
-        (up to `times` steps, one transaction each, so runs reach delivery and refunds),
-        sometimes anything anywhere (which the table must refuse)."""
+        """The store's staff and the delivery service move an order along: mostly an order in
+        the store's hands to its next status (up to `times` steps, one transaction each, so runs
+        reach delivery, failed deliveries and refunds), sometimes anything anywhere (which the
+        table must refuse). Staff confirm and pack; the delivery service does the rest."""
         order = self.pick(data, self.orders, "order", [o for o in self.orders if o.status in STAFF_NEXT])
         for _ in range(times if to == "next" else 1):
             target = Status(STAFF_NEXT.get(order.status, S.confirmed) if to == "next" else to)
@@ -518,16 +527,27 @@ class OrderMachine(RuleBasedStateMachine):
             else:
                 expected = None
 
-            async def go(s: AsyncSession, target: Status = target, v: int | None = expected_version) -> None:
+            actor = "staff" if target in STAFF_TARGETS else "delivery"
+
+            async def go(
+                s: AsyncSession, target: Status = target, actor: str = actor, v: int | None = expected_version
+            ) -> None:
                 locked = await orders.lock_order(s, order.id)
                 assert locked is not None
-                await orders.transition(s, locked, target, actor="staff", expected_version=v, now=utcnow())
+                await orders.change_status(
+                    s, locked, target, actor=actor, actor_user_id=None, reason=None, expected_version=v, now=utcnow()
+                )
 
             outcome = self.act(go, order)
-            self.expect(outcome, expected, f"staff move a {order.status} order to {target}")
+            self.expect(outcome, expected, f"{actor} moves a {order.status} order to {target}")
             if expected is not None:
                 return
-            self.move(order, target)
+            if target == S.returned:
+                self.end_in_model(order, target)
+                if "order-returned" in order.refunds:
+                    self.fill_refund_id(order, "order-returned")
+            else:
+                self.move(order, target)
 
     @precondition(lambda self: self.orders)
     @rule(data=st.data(), run_out=st.booleans())
@@ -552,7 +572,7 @@ class OrderMachine(RuleBasedStateMachine):
         assert outcome is expires, (order, run_out)
         if expires:
             assert order.captured == 0
-            self.cancel_in_model(order)
+            self.end_in_model(order)
 
     @precondition(lambda self: self.orders)
     @rule(

@@ -304,12 +304,17 @@ def test_lifecycle_staff_transitions_and_history(live: Live, shop: Shop):
     queue = staff.request("GET", f"/orders/stores/{shop.store_a['id']}", params={"status": "packed"})
     assert queue.status_code == 200 and placed["id"] in [o["id"] for o in queue.json()["items"]]
     assert elsewhere.request("GET", f"/orders/stores/{shop.store_a['id']}").status_code == 403
+    # The delivery service drives the rest; the store cannot, ops only with a reason.
     response = move(staff, placed["id"], "out_for_delivery")
-    assert response.status_code == 200
+    assert response.status_code == 403 and response.json()["code"] == "forbidden_transition"
+    ops = staff_of(live, shop.store_a, role="ops")
+    response = move(ops, placed["id"], "out_for_delivery")
+    assert response.status_code == 422 and response.json()["code"] == "reason_required"
+    assert move(ops, placed["id"], "out_for_delivery", reason="handed over at the counter").status_code == 200
     assert stock(live, shop, rice) == (8, 0)  # off the shelf
     response = user.request("POST", f"/orders/{placed['id']}/cancel", json={})
     assert response.status_code == 409 and response.json()["code"] == "invalid_transition"
-    delivered = move(staff, placed["id"], "delivered").json()
+    delivered = move(ops, placed["id"], "delivered", reason="customer confirmed by phone").json()
     assert delivered["status"] == "delivered" and delivered["version"] == 5
     assert [e["to_status"] for e in delivered["events"]] == [
         "placed",
@@ -398,8 +403,11 @@ def paid_and_delivered(live: Live, shop: Shop) -> tuple[Session, dict[str, Any]]
     pay(live, pending["payment"]["razorpay_order_id"])
     status_becomes(live, user, pending["id"], "placed")
     staff = staff_of(live, shop.store_a)
-    for to in ("confirmed", "packed", "out_for_delivery", "delivered"):
+    ops = staff_of(live, shop.store_a, role="ops")
+    for to in ("confirmed", "packed"):
         assert move(staff, pending["id"], to).status_code == 200
+    for to in ("out_for_delivery", "delivered"):
+        assert move(ops, pending["id"], to, reason="test: no partner in this shop").status_code == 200
     return user, order(user, pending["id"])
 
 

@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 
 from models.carts import CartLine, CartState, consume
 from models.errors import AppError
-from models.orders import ACTOR_TARGETS, TRANSITIONS, Status, check_transition
+from models.orders import ACTOR_TARGETS, DELIVERY_TARGETS, TRANSITIONS, Status, check_transition
 
-ACTORS = ["customer", "staff", "ops", "admin", "system", "gateway", "partner", "nobody"]
-TERMINAL = [Status.cancelled, Status.refunded]
+ACTORS = ["customer", "staff", "ops", "admin", "delivery", "system", "gateway", "partner", "nobody"]
+TERMINAL = [Status.cancelled, Status.refunded, Status.returned]
 
 
-def outcome(current: Status, target: Status, actor: str) -> tuple[int, str] | None:
+def outcome(current: Status, target: Status, actor: str, reason: str | None = "audited") -> tuple[int, str] | None:
     try:
-        check_transition(current, target, actor)
+        check_transition(current, target, actor, reason)
     except AppError as exc:
         return exc.status_code, exc.code
     return None
@@ -87,11 +87,11 @@ def test_a_customer_can_only_cancel(current):
             assert result == (409, "invalid_transition")
 
 
-@pytest.mark.parametrize("actor", ["customer", "staff", "ops", "admin", "system", "gateway"])
+@pytest.mark.parametrize("actor", ["customer", "staff", "ops", "admin", "delivery", "system", "gateway"])
 def test_out_for_delivery_cannot_be_cancelled(actor):
     assert outcome(Status.out_for_delivery, Status.cancelled, actor) is not None
     # ... and neither can anything after it.
-    for later in (Status.delivered, Status.partially_refunded, Status.refunded):
+    for later in (Status.delivered, Status.partially_refunded, Status.refunded, Status.delivery_failed):
         assert outcome(later, Status.cancelled, actor) is not None
 
 
@@ -106,13 +106,37 @@ def test_customer_cancels_until_the_order_leaves_the_store():
     }
 
 
-def test_staff_walk_the_happy_path():
+def test_staff_pack_and_the_delivery_service_delivers():
     path = [Status.placed, Status.confirmed, Status.packed, Status.out_for_delivery, Status.delivered]
     for current, target in itertools.pairwise(path):
-        assert outcome(current, target, "staff") is None
+        who = "staff" if target in (Status.confirmed, Status.packed) else "delivery"
+        assert outcome(current, target, who) is None
+    # Once delivery drives them, the store no longer sets them by hand.
+    for current, target in itertools.pairwise(path[2:]):
+        assert outcome(current, target, "staff") == (403, "forbidden_transition")
+    assert outcome(Status.confirmed, Status.packed, "delivery") == (403, "forbidden_transition")
     # Staff never place or refund: those are payment facts.
     assert outcome(Status.pending_payment, Status.placed, "staff") == (403, "forbidden_transition")
     assert outcome(Status.delivered, Status.refunded, "staff") == (403, "forbidden_transition")
+
+
+@pytest.mark.parametrize("actor", ["ops", "admin"])
+@pytest.mark.parametrize("target", sorted(DELIVERY_TARGETS))
+def test_ops_override_what_delivery_drives_only_with_a_reason(actor, target):
+    current = next(s for s in Status if target in TRANSITIONS[s])
+    assert outcome(current, target, actor, reason=None) == (422, "reason_required")
+    assert outcome(current, target, actor, reason="partner's phone died; called the customer") is None
+    # ... and the store's own moves need none.
+    assert outcome(Status.placed, Status.confirmed, actor, reason=None) is None
+
+
+def test_a_failed_delivery_comes_back_and_ends_there():
+    assert TRANSITIONS[Status.out_for_delivery] == {Status.delivered, Status.delivery_failed}
+    assert TRANSITIONS[Status.delivery_failed] == {Status.returned}
+    assert outcome(Status.out_for_delivery, Status.delivery_failed, "delivery") is None
+    assert outcome(Status.delivery_failed, Status.returned, "delivery") is None
+    for actor in ("customer", "staff"):
+        assert outcome(Status.delivery_failed, Status.cancelled, actor) is not None
 
 
 def test_every_status_is_reachable_from_checkout():
