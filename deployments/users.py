@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import Request, Response
+from fastapi import Depends, Request, Response
 
-from deployments.common import CurrentUser, Db, client_ip, create_api, resources, serve_builder
+from deployments.common import CurrentUser, Db, client_ip, create_api, require_role, resources, serve_builder
 from models import users
 from models.db import utcnow
 from models.notifications import otp_sms
@@ -19,6 +19,7 @@ from models.users import (
     OtpRequest,
     OtpVerify,
     RefreshRequest,
+    RoleIn,
     SessionOut,
     TokenPair,
     UserOut,
@@ -137,6 +138,20 @@ async def edit_address(
 async def remove_address(address_id: uuid.UUID, principal: CurrentUser, db: Db) -> None:
     """Delete an address; if it was the default, the newest remaining one takes over."""
     await users.delete_address(db, principal.id, address_id)
+
+
+@api.put(
+    "/{user_id}/role",
+    response_model=UserOut,
+    tags=["admin"],
+    dependencies=[Depends(require_role(users.Role.admin))],
+)
+async def set_role(user_id: uuid.UUID, body: RoleIn, db: Db) -> UserOut:
+    """Grant or revoke a role (admins only): `customer`, `partner` (attach them to a store
+    with `POST /delivery/partners`), `staff` (with the `store_id` they work in), `ops`,
+    `admin`. 409 `last_admin` for the last active admin; 404 `user_not_found`,
+    `store_not_found`. It takes effect on the user's next request."""
+    return UserOut.model_validate(await users.set_role(db, user_id, body))
 
 
 app = serve_builder(api, "users")

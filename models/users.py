@@ -45,7 +45,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from config.settings import Settings, get_settings
 from models.db import Base, TimestampMixin, new_id, patch_changes
-from models.errors import AppError, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
+from models.errors import (
+    AppError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+)
 from models.tokens import TokenService
 
 MAX_ADDRESSES_PER_USER = 20
@@ -244,6 +252,14 @@ class UserOut(BaseModel):
     email: str | None
     role: Role
     created_at: datetime
+
+
+class RoleIn(Strict):
+    """An admin sets a user's role; `staff` needs the `store_id` they work in (a partner is
+    attached to their store through the delivery service)."""
+
+    role: Role
+    store_id: uuid.UUID | None = None
 
 
 class UserUpdate(Strict):
@@ -676,6 +692,35 @@ async def list_sessions(
 
 
 # ---------------------------------------------------------------- profile
+
+
+async def set_role(session: AsyncSession, user_id: uuid.UUID, data: RoleIn) -> User:
+    """Grant or revoke a role (admins only, checked by the caller). The admins' rows are
+    locked first, so two admins demoting each other at once cannot leave none: the last
+    active admin cannot lose the role (409 `last_admin`). Takes effect on the user's next
+    request (roles are read from the database, not the token)."""
+    admins = list(
+        await session.scalars(
+            select(User.id).where(User.role == Role.admin, User.is_active).order_by(User.id).with_for_update()
+        )
+    )
+    user = await session.get(User, user_id, with_for_update=True)
+    if user is None:
+        raise NotFound("No such user", code="user_not_found")
+    if data.role == Role.staff and data.store_id is None:
+        raise Unprocessable("Staff work in a store: give its store_id", code="store_required")
+    if data.role != Role.staff and data.store_id is not None:
+        raise Unprocessable("Only staff are bound to a store here", code="store_not_allowed")
+    if user.role == Role.admin and data.role != Role.admin and admins == [user.id]:
+        raise Conflict("This is the last admin: make another admin first", code="last_admin")
+    if data.store_id is not None and not await session.scalar(
+        text("SELECT EXISTS (SELECT 1 FROM stores WHERE id = :id)"), {"id": data.store_id}
+    ):
+        raise NotFound("No such store", code="store_not_found")
+    user.role = data.role
+    user.store_id = data.store_id
+    await session.flush()
+    return user
 
 
 async def update_profile(session: AsyncSession, user: User, patch: UserUpdate) -> User:
