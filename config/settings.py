@@ -167,6 +167,14 @@ class Settings(BaseSettings):
     delivery_speed_car_mps: float = Field(default=4.2, gt=0)
     # Parking, finding the door or the lift, handing over: added to an ETA once per drop.
     delivery_handover_seconds: float = Field(default=120, ge=0)
+    # Fleet shard actors: a store's live view (partners, positions, queue, offers) lives on
+    # shard blake2b(store_id) % N. Fixed while the fleet runs (a restart rebuilds from
+    # PostgreSQL and Redis).
+    fleet_shards: int = Field(default=2, ge=1, le=64)
+    # How often a store's dispatch round runs (expire offers, match queued orders to partners).
+    delivery_round_seconds: float = Field(default=2.0, gt=0)
+    # Latest positions are written to Redis at most this often per shard (coalesced).
+    partner_position_flush_seconds: float = Field(default=1.0, gt=0)
 
     admin_phone: str = DEV_ADMIN_PHONE
 

@@ -31,6 +31,10 @@ from models.db import Base
 SUBSCRIBERS: dict[str, tuple[str, ...]] = {
     "gateway.event": ("payments",),
     "refund.requested": ("payments",),
+    # The fleet queues confirmed orders for dispatch and follows the store's later moves.
+    "order.confirmed": ("delivery",),
+    "order.packed": ("delivery",),
+    "order.cancelled": ("delivery",),
 }
 
 NOTIFY_CHANNEL = "vurksha_outbox"

@@ -229,7 +229,10 @@ def test_coordinates_too_fine_for_float_arithmetic_are_rounded(live: Live, cat: 
     try:
         for lat, lng in ((0.0, 0.0), (1e-160, 1e-160), (-1e-300, 5e-324)):
             nearby = ok(live.client().get("/products/stores/nearby", params={"lat": lat, "lng": lng}))
-            assert nearby[0]["id"] == tiny["id"] and nearby[0]["distance_km"] == 0
+            # (The API fuzzer may have left stores of its own at 0, 0.)
+            assert {"id": tiny["id"], "distance_km": 0} in [
+                {"id": s["id"], "distance_km": s["distance_km"]} for s in nearby
+            ]
     finally:
         ok(cat.admin.request("PATCH", f"/products/stores/{tiny['id']}", json={"is_active": False}))
 

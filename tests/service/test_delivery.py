@@ -1,0 +1,484 @@
+"""Delivery through the real stack: roles, partners, positions, dispatch rounds on the fleet
+shards, offers, the delivery lifecycle driving the order, PINs, cash on delivery, failed
+deliveries, recalls, and a shard killed with offers and positions in flight."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from config.settings import get_settings
+from tests.conftest import Live, Session
+from tests.service.shop import Shop, add, add_address, make_product, make_shop
+from tests.service.test_orders import checkout, pay, status_becomes, wait_for
+
+pytestmark = pytest.mark.usefixtures("live")
+
+KM_LAT = 1 / 111.0  # degrees of latitude per km
+
+
+@pytest.fixture
+def shop(live: Live) -> Shop:
+    """Stores of the test's own, so no other test's partners or queued orders are near."""
+    return make_shop(live, "delivery-test")
+
+
+@pytest.fixture(scope="module")
+def ops(live: Live) -> Session:
+    session = live.login()
+    live.sql("UPDATE users SET role = 'ops' WHERE id = :id", id=session.user_id)
+    return session
+
+
+def staff_of(live: Live, store: dict[str, Any]) -> Session:
+    session = live.login()
+    live.sql(
+        "UPDATE users SET role = 'staff', store_id = :s WHERE id = :id", s=store["id"], id=session.user_id
+    )
+    return session
+
+
+def ok(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code, response.text
+    return dict(response.json())
+
+
+def partner_at(
+    live: Live, ops: Session, store: dict[str, Any], *, km_north: float | None = 0.5, vehicle: str = "scooter"
+) -> Session:
+    """A new partner of `store`, online, with a fresh position `km_north` of it (None: none yet)."""
+    phone = "+9197" + uuid.uuid4().int.__str__()[:8]
+    ok(
+        ops.request(
+            "POST", "/delivery/partners", json={"phone": phone, "store_id": store["id"], "vehicle": vehicle}
+        ),
+        201,
+    )
+    partner = live.login(phone)
+    ok(partner.request("POST", "/delivery/partners/me/shift", json={"online": True}))
+    if km_north is not None:
+        move_to(partner, store["lat"] + km_north * KM_LAT, store["lng"])
+    return partner
+
+
+# Each test partner's last fix: a move is timestamped at a believable 15 m/s from it (at
+# most a minute ahead, within the future tolerance), or the speed filter rightly drops it.
+LAST_FIX: dict[str, tuple[float, float, float]] = {}
+
+
+def move_to(partner: Session, lat: float, lng: float) -> dict[str, Any]:
+    ts = time.time()
+    if partner.user_id in LAST_FIX:
+        last_lat, last_lng, last_ts = LAST_FIX[partner.user_id]
+        metres = ((lat - last_lat) ** 2 + (lng - last_lng) ** 2) ** 0.5 * 111_000
+        ts = max(ts, last_ts + metres / 15 + 1)
+    LAST_FIX[partner.user_id] = (lat, lng, ts)
+    point = {"lat": lat, "lng": lng, "ts": ts, "accuracy_m": 8.0, "speed_mps": 4.0}
+    ack = ok(partner.request("POST", "/delivery/partners/me/positions", json={"points": [point]}))
+    assert ack["accepted"] == 1, ack
+    return dict(ack)
+
+
+def confirmed_order(
+    live: Live, shop: Shop, method: str = "cod", quantity: int = 1
+) -> tuple[Session, dict[str, Any], str]:
+    """A customer's order at store A, confirmed by the store: the fleet queues it."""
+    rice = make_product(live, shop, price=12_000, stock_a=20)
+    user = live.login()
+    add_address(user, shop.store_a, default=True)
+    assert add(user, rice, quantity).status_code == 200
+    placed = ok(checkout(user, user_address(user), method), 201)
+    if method == "online":
+        pay(live, placed["payment"]["razorpay_order_id"])
+        status_becomes(live, user, placed["id"], "placed")
+    staff = staff_of(live, shop.store_a)
+    ok(staff.request("POST", f"/orders/{placed['id']}/transitions", json={"to": "confirmed"}))
+    return user, placed, rice
+
+
+def user_address(user: Session) -> str:
+    return str(ok(user.request("GET", "/users/me/addresses"))[0]["id"])
+
+
+def offer_for(partner: Session, timeout: float = 20) -> dict[str, Any]:
+    return dict(
+        wait_for(lambda: ok(partner.request("GET", "/delivery/partners/me/offers")), timeout, "an offer")[0]
+    )
+
+
+def advance(who: Session, delivery_id: str, to: str, **extra: Any) -> httpx.Response:
+    return who.request("POST", f"/delivery/deliveries/{delivery_id}/status", json={"to": to, **extra})
+
+
+def round_now(ops: Session, store: dict[str, Any]) -> int:
+    return int(ok(ops.request("POST", f"/delivery/stores/{store['id']}/round")))
+
+
+def stock(live: Live, store: dict[str, Any], pid: str) -> tuple[int, int]:
+    row = live.sql(
+        "SELECT on_hand, reserved FROM inventory WHERE store_id = :s AND product_id = :p",
+        s=store["id"],
+        p=pid,
+    )[0]
+    return int(row.on_hand), int(row.reserved)
+
+
+def kill_fleet(ops: Session, store: dict[str, Any]) -> None:
+    """Kill every fleet shard (they restart: `max_restarts=-1`) and wait until the store's
+    board answers again."""
+    for i in range(get_settings().fleet_shards):
+        ray.kill(ray.get_actor(f"fleet-shard-{i}", namespace="vurksha"), no_restart=False)
+    wait_for(
+        lambda: ops.request("GET", f"/delivery/stores/{store['id']}/board").status_code == 200,
+        60,
+        "the fleet",
+    )
+
+
+# ---------------------------------------------------------------- roles
+
+
+def test_admins_grant_and_revoke_roles_but_never_the_last_admin(live: Live, shop: Shop):
+    admin = live.login()
+    live.sql("UPDATE users SET role = 'admin' WHERE id = :id", id=admin.user_id)
+    user = live.login()
+    problem(user.request("PUT", f"/users/{user.user_id}/role", json={"role": "admin"}), 403, "forbidden_role")
+    problem(
+        admin.request("PUT", f"/users/{user.user_id}/role", json={"role": "staff"}), 422, "store_required"
+    )
+    problem(
+        admin.request(
+            "PUT", f"/users/{user.user_id}/role", json={"role": "staff", "store_id": str(uuid.uuid4())}
+        ),
+        404,
+        "store_not_found",
+    )
+    staff = ok(
+        admin.request(
+            "PUT", f"/users/{user.user_id}/role", json={"role": "staff", "store_id": shop.store_a["id"]}
+        )
+    )
+    assert staff["role"] == "staff"
+    # The new role holds on the very next request: the store's queue opens up.
+    ok(user.request("GET", f"/orders/stores/{shop.store_a['id']}"))
+    ok(admin.request("PUT", f"/users/{user.user_id}/role", json={"role": "customer"}))
+    problem(user.request("GET", f"/orders/stores/{shop.store_a['id']}"), 403, "forbidden_role")
+    problem(admin.request("PUT", f"/users/{uuid.uuid4()}/role", json={"role": "ops"}), 404, "user_not_found")
+
+    # Two admins demoting each other at once cannot leave none.
+    live.sql("UPDATE users SET role = 'customer' WHERE role = 'admin' AND id <> :id", id=admin.user_id)
+    other = live.login()
+    ok(admin.request("PUT", f"/users/{other.user_id}/role", json={"role": "admin"}))
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(admin.request, "PUT", f"/users/{other.user_id}/role", json={"role": "customer"})
+        b = pool.submit(other.request, "PUT", f"/users/{admin.user_id}/role", json={"role": "customer"})
+        results = sorted([a.result().status_code, b.result().status_code])
+    assert results in ([200, 403], [200, 409]), results
+    assert live.sql("SELECT count(*) AS n FROM users WHERE role = 'admin' AND is_active")[0].n == 1
+    last = live.sql("SELECT id FROM users WHERE role = 'admin'")[0].id
+    last_admin = admin if str(last) == admin.user_id else other
+    problem(last_admin.request("PUT", f"/users/{last}/role", json={"role": "ops"}), 409, "last_admin")
+    live.sql("UPDATE users SET role = 'admin' WHERE phone = '+919000000001'")  # the seeded admin back
+
+
+# ---------------------------------------------------------------- the whole path
+
+
+@pytest.mark.parametrize("method", ["cod", "online"])
+def test_order_to_doorstep(live: Live, shop: Shop, ops: Session, method: str):
+    store = shop.store_a
+    partner = partner_at(live, ops, store)
+    user, placed, rice = confirmed_order(live, shop, method, quantity=2)
+    staff = staff_of(live, store)
+
+    # The confirmed order reaches the fleet through the outbox; the round offers it.
+    offer = offer_for(partner)
+    assert offer["order_ids"] == [placed["id"]]
+    board = ok(staff.request("GET", f"/delivery/stores/{store['id']}/board"))
+    assert {(o["id"], o["state"]) for o in board["orders"]} >= {(placed["id"], "offered")}
+    problem(user.request("GET", f"/delivery/stores/{store['id']}/board"), 403, "forbidden_role")
+
+    trip = ok(partner.request("POST", f"/delivery/offers/{offer['id']}/accept"))
+    assert [(d["order_id"], d["status"], d["seq"]) for d in trip] == [(placed["id"], "assigned", 0)]
+    (job,) = trip
+    due = placed["totals"]["total_paise"] if method == "cod" else 0
+    assert job["amount_due_paise"] == due and job["drop"]["lat"] == store["lat"]
+    problem(partner.request("POST", f"/delivery/offers/{offer['id']}/accept"), 409, "offer_closed")
+    problem(
+        partner.request("POST", "/delivery/partners/me/shift", json={"online": False}), 409, "active_delivery"
+    )
+
+    tracking = ok(user.request("GET", f"/delivery/orders/{placed['id']}/tracking"))
+    assert tracking["delivery_status"] == "assigned" and tracking["partner"]["vehicle"] == "scooter"
+    assert tracking["position"] is not None and tracking["eta_s"] > 0 and tracking["pin"] is None
+    stranger = live.login()
+    problem(stranger.request("GET", f"/delivery/orders/{placed['id']}/tracking"), 404, "order_not_found")
+
+    ok(advance(partner, job["id"], "at_store"))
+    problem(advance(partner, job["id"], "picked_up"), 409, "order_not_packed")
+    ok(staff.request("POST", f"/orders/{placed['id']}/transitions", json={"to": "packed"}))
+    assert ok(advance(partner, job["id"], "picked_up"))["order_status"] == "out_for_delivery"
+    assert stock(live, store, rice) == (18, 0)  # off the shelf
+
+    # Moving towards the customer: the tracking follows, the ETA shrinks.
+    far = ok(user.request("GET", f"/delivery/orders/{placed['id']}/tracking"))
+    # (100 m: a jump faster than partner_position_max_speed_mps would be filtered out.)
+    move_to(partner, store["lat"] + 0.4 * KM_LAT, store["lng"])
+    near = wait_for(
+        lambda: (
+            (t := ok(user.request("GET", f"/delivery/orders/{placed['id']}/tracking")))["eta_s"]
+            < far["eta_s"]
+            and t
+        ),
+        what="a shorter ETA",
+    )
+    assert near["position"]["lat"] == pytest.approx(store["lat"] + 0.4 * KM_LAT)
+
+    ok(advance(partner, job["id"], "arrived"))
+    pin = ok(user.request("GET", f"/delivery/orders/{placed['id']}/tracking"))["pin"]
+    assert pin is not None and len(pin) == 4
+    wrong = f"{(int(pin) + 1) % 10_000:04d}"
+    assert (
+        problem(advance(partner, job["id"], "delivered", pin=wrong), 422, "wrong_pin")["attempts_left"] == 4
+    )
+    if method == "cod":
+        mismatch = problem(
+            advance(partner, job["id"], "delivered", pin=pin, cash_collected_paise=due - 100),
+            422,
+            "cash_mismatch",
+        )
+        assert mismatch["amount_due_paise"] == due
+        done = ok(advance(partner, job["id"], "delivered", pin=pin, cash_collected_paise=due))
+    else:
+        done = ok(advance(partner, job["id"], "delivered", pin=pin))
+    assert done["status"] == "delivered" and done["order_status"] == "delivered"
+    final = ok(user.request("GET", f"/orders/{placed['id']}"))
+    assert final["status"] == "delivered"
+    assert [e["to_status"] for e in final["events"]][-2:] == ["out_for_delivery", "delivered"]
+    assert final["payment"]["status"] == "captured"
+    me = ok(partner.request("GET", "/delivery/partners/me"))
+    assert me["cash_in_hand_paise"] == due
+    assert ok(partner.request("GET", "/delivery/partners/me/trip")) == []
+    history = live.sql(
+        "SELECT to_status FROM delivery_events WHERE delivery_id = :d ORDER BY id", d=job["id"]
+    )
+    assert [h.to_status for h in history] == ["assigned", "at_store", "picked_up", "arrived", "delivered"]
+    with pytest.raises(Exception, match="append-only"):
+        live.sql("DELETE FROM delivery_events WHERE delivery_id = :d", d=job["id"])
+
+    if method == "cod":
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        url = f"/delivery/partners/{partner.user_id}/deposits"
+        problem(
+            ops.request("POST", url, json={"amount_paise": due + 1}, headers=key), 409, "deposit_exceeds_cash"
+        )
+        assert (
+            ok(ops.request("POST", url, json={"amount_paise": due}, headers=key))["cash_in_hand_paise"] == 0
+        )
+        assert (
+            ok(ops.request("POST", url, json={"amount_paise": due}, headers=key))["cash_in_hand_paise"] == 0
+        )
+        problem(partner.request("POST", url, json={"amount_paise": 1}, headers=key), 403, "forbidden_role")
+
+
+def test_declined_and_expired_offers_go_to_someone_else_never_back(live: Live, shop: Shop, ops: Session):
+    store = shop.store_a
+    first = partner_at(live, ops, store, km_north=0.2)
+    _, placed, _ = confirmed_order(live, shop)
+    offer = offer_for(first)
+    assert ok(first.request("POST", f"/delivery/offers/{offer['id']}/decline")) == []
+    second = partner_at(live, ops, store, km_north=1.5)
+    assert offer_for(second)["order_ids"] == [placed["id"]]
+    # The nearer first partner never sees it again, round after round.
+    for _ in range(3):
+        round_now(ops, store)
+        assert ok(first.request("GET", "/delivery/partners/me/offers")) == []
+    # The second lets it expire: it moves on, and three expiries in a row set a partner offline.
+    live.sql(
+        "UPDATE delivery_offers SET expires_at = now() WHERE partner_id = :p AND status = 'open'",
+        p=second.user_id,
+    )
+    kill_fleet(ops, store)  # the live view reloads the expiry from the database
+    round_now(ops, store)
+    assert (
+        live.sql("SELECT status FROM delivery_offers WHERE partner_id = :p", p=second.user_id)[0].status
+        == "expired"
+    )
+    assert ok(second.request("GET", "/delivery/partners/me/offers")) == []
+    third = partner_at(live, ops, store, km_north=2.5)
+    assert offer_for(third)["order_ids"] == [placed["id"]]
+    live.sql("UPDATE partners SET expiries_in_a_row = 2 WHERE user_id = :p", p=third.user_id)
+    live.sql(
+        "UPDATE delivery_offers SET expires_at = now() WHERE partner_id = :p AND status = 'open'",
+        p=third.user_id,
+    )
+    kill_fleet(ops, store)
+    round_now(ops, store)
+    assert ok(third.request("GET", "/delivery/partners/me"))["online"] is False
+    offered = live.sql("SELECT partner_id FROM delivery_offers WHERE :o = ANY(order_ids)", o=placed["id"])
+    assert sorted(str(r.partner_id) for r in offered) == sorted(
+        [first.user_id, second.user_id, third.user_id]
+    )
+
+
+def test_two_partners_accepting_at_once_get_one_order(live: Live, shop: Shop, ops: Session):
+    """Offers are made one per order by the shard; if two ever shared an order (a second
+    shard after a split brain, say), the database still hands it to one."""
+    store = shop.store_a
+    a = partner_at(live, ops, store)
+    b = partner_at(live, ops, store)
+    live.sql("UPDATE partners SET online = false WHERE user_id IN (:a, :b)", a=a.user_id, b=b.user_id)
+    kill_fleet(ops, store)
+    _, placed, _ = confirmed_order(live, shop)
+    offers = {}
+    for p in (a, b):
+        oid = str(uuid.uuid4())
+        live.sql(
+            "INSERT INTO delivery_offers (id, store_id, partner_id, order_ids, status, created_at, expires_at)"
+            " VALUES (:id, :s, :p, ARRAY[CAST(:o AS uuid)], 'open', now(), now() + interval '1 minute')",
+            id=oid,
+            s=store["id"],
+            p=p.user_id,
+            o=placed["id"],
+        )
+        offers[p.user_id] = oid
+    kill_fleet(ops, store)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda p: p.request("POST", f"/delivery/offers/{offers[p.user_id]}/accept"), (a, b))
+        )
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 409], [r.text for r in results]
+    assert next(r for r in results if r.status_code == 409).json()["code"] == "order_taken"
+    assert live.sql("SELECT count(*) AS n FROM deliveries WHERE order_id = :o", o=placed["id"])[0].n == 1
+    # No partner holds two open offers: the database refuses a second.
+    with pytest.raises(Exception, match="uq_delivery_offers_open_partner"):
+        for _ in range(2):
+            live.sql(
+                "INSERT INTO delivery_offers (id, store_id, partner_id, order_ids, status, created_at, expires_at)"
+                " VALUES (gen_random_uuid(), :s, :p, ARRAY[CAST(:o AS uuid)], 'open', now(), now())",
+                s=store["id"],
+                p=a.user_id,
+                o=placed["id"],
+            )
+
+
+def test_a_failed_delivery_comes_back_to_the_shelf_and_is_refunded(live: Live, shop: Shop, ops: Session):
+    store = shop.store_a
+    partner = partner_at(live, ops, store)
+    _, placed, rice = confirmed_order(live, shop, "online", quantity=3)
+    staff = staff_of(live, store)
+    ok(staff.request("POST", f"/orders/{placed['id']}/transitions", json={"to": "packed"}))
+    offer = offer_for(partner)
+    (job,) = ok(partner.request("POST", f"/delivery/offers/{offer['id']}/accept"))
+    for to in ("at_store", "picked_up", "arrived"):
+        ok(advance(partner, job["id"], to))
+    assert stock(live, store, rice) == (17, 0)
+    problem(advance(partner, job["id"], "failed"), 422, "reason_required")
+    failed = ok(advance(partner, job["id"], "failed", reason="customer unreachable"))
+    assert failed["order_status"] == "delivery_failed"
+    problem(advance(partner, job["id"], "returned"), 403, "forbidden_transition")
+    other_store_staff = staff_of(live, shop.store_b)
+    problem(advance(other_store_staff, job["id"], "returned"), 404, "delivery_not_found")
+    assert ok(advance(staff, job["id"], "returned"))["order_status"] == "returned"
+    assert stock(live, store, rice) == (20, 0)  # back on the shelf
+    wait_for(
+        lambda: (
+            live.sql("SELECT status FROM payments WHERE order_id = :o", o=placed["id"])[0].status
+            == "refunded"
+        ),
+        what="the refund",
+    )
+    # The partner is free again.
+    assert (
+        ok(partner.request("POST", "/delivery/partners/me/shift", json={"online": False}))["online"] is False
+    )
+
+
+def test_cancelling_recalls_the_partner_and_suspending_recalls_the_offer(
+    live: Live, shop: Shop, ops: Session
+):
+    store = shop.store_a
+    partner = partner_at(live, ops, store)
+    user, placed, _ = confirmed_order(live, shop)
+    offer = offer_for(partner)
+    (job,) = ok(partner.request("POST", f"/delivery/offers/{offer['id']}/accept"))
+    ok(user.request("POST", f"/orders/{placed['id']}/cancel", json={"reason": "changed my mind"}))
+    wait_for(
+        lambda: live.sql("SELECT status FROM deliveries WHERE id = :d", d=job["id"])[0].status == "cancelled",
+        what="the recall",
+    )
+    assert ok(partner.request("GET", "/delivery/partners/me/trip")) == []
+    problem(advance(partner, job["id"], "picked_up"), 409, "invalid_transition")
+
+    _, second, _ = confirmed_order(live, shop)
+    offer = offer_for(partner)
+    assert offer["order_ids"] == [second["id"]]
+    ok(ops.request("POST", f"/delivery/partners/{partner.user_id}/suspend"))
+    assert live.sql("SELECT status FROM delivery_offers WHERE id = :o", o=offer["id"])[0].status == "recalled"
+    problem(partner.request("GET", "/delivery/partners/me/offers"), 403, "partner_suspended")
+    ok(ops.request("POST", f"/delivery/partners/{partner.user_id}/reinstate"))
+    ok(partner.request("POST", "/delivery/partners/me/shift", json={"online": True}))
+    move_to(partner, store["lat"], store["lng"] + 0.001)
+    assert offer_for(partner)["order_ids"] == [second["id"]]
+
+
+def test_positions_are_filtered_and_survive_a_shard_restart(live: Live, shop: Shop, ops: Session):
+    store = shop.store_a
+    partner = partner_at(live, ops, store, km_north=None)
+    now = time.time()
+    lat, lng = store["lat"] + 0.3 * KM_LAT, store["lng"]
+    points = [
+        {"lat": lat, "lng": lng, "ts": now, "accuracy_m": 5.0},  # kept
+        {"lat": 91.0, "lng": lng, "ts": now + 1},  # invalid
+        {"lat": 0.0, "lng": 0.0, "ts": now + 2},  # invalid: no fix
+        {"lat": lat, "lng": lng, "ts": now + 3600},  # future
+        {"lat": lat, "lng": lng, "ts": now + 3, "accuracy_m": 500.0},  # accuracy
+        {"lat": lat, "lng": lng, "ts": now + 0.1},  # min_period
+        {"lat": lat + 1.0, "lng": lng, "ts": now + 4},  # speed: 111 km in 4 s
+        {"lat": lat + 0.0001, "lng": lng, "ts": now + 5, "accuracy_m": 5.0},  # kept: the live position
+    ]
+    ack = ok(partner.request("POST", "/delivery/partners/me/positions", json={"points": points}))
+    assert (ack["accepted"], ack["late"]) == (2, 0)
+    assert ack["dropped"] == {"invalid": 2, "future": 1, "accuracy": 1, "min_period": 1, "speed": 1}
+    # An older point sent afterwards (an offline buffer) joins the trail, not the live position.
+    late = {"lat": lat, "lng": lng, "ts": now - 10, "accuracy_m": 5.0}
+    ack = ok(partner.request("POST", "/delivery/partners/me/positions", json={"points": [late]}))
+    assert (ack["accepted"], ack["late"]) == (1, 1)
+    problem(
+        partner.request("POST", "/delivery/partners/me/positions", json={"points": [points[0]] * 101}),
+        422,
+        "validation_error",
+    )
+    problem(
+        partner.request(
+            "POST", "/delivery/partners/me/positions", json={"points": [{"lat": "12", "lng": 1, "ts": 1}]}
+        ),
+        422,
+        "validation_error",
+    )
+
+    def where() -> Any:
+        board = ok(ops.request("GET", f"/delivery/stores/{store['id']}/board"))
+        return next(p for p in board["partners"] if p["id"] == partner.user_id)
+
+    before = where()
+    assert before["position"]["lat"] == pytest.approx(lat + 0.0001)
+    assert [round(p["ts"] - now) for p in before["trail"]][-3:] == [-10, 0, 5]
+    time.sleep(get_settings().partner_position_flush_seconds + 1)  # written through to Redis
+    kill_fleet(ops, store)
+    after = where()
+    assert after["position"] == before["position"] and after["trail"] == before["trail"]
+    assert after["state"] == "idle"
