@@ -8,6 +8,15 @@ UV     := UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
 GET_UV := test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -qq uv==$(UV_VERSION); }
 STAMP  := $(VENV)/.lock-stamp
 
+# $(call debian,COMMAND,PACKAGE,WHY): install a Debian package when its command is missing
+# (as root, with apt-get), or say what to install and stop.
+debian = command -v $(1) >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+	  else \
+	    echo "$(3): sudo apt-get install $(2)"; exit 1; \
+	  fi; }
+
 .PHONY: setup run test lint openapi bench bench-setup lock clean
 
 # .venv is built from scratch from uv.lock (runtime + dev groups) whenever the lock or
@@ -21,11 +30,14 @@ $(STAMP): uv.lock pyproject.toml
 setup: $(STAMP)
 
 ## Start embedded PostgreSQL/Redis (unless DATABASE_URL/REDIS_URL are set), migrate, seed, serve on :8000.
+## `make run SIMULATE=1` also runs demo traffic (partners, customers, staff) once it is up.
 run: setup
-	$(BIN)/vurksha run
+	$(BIN)/vurksha run $(if $(SIMULATE),--simulate)
 
-## The whole test suite against real PostgreSQL, Redis and a local Ray Serve.
+## The whole test suite against real PostgreSQL, Redis and a local Ray Serve (and headless
+## Chromium for the dispatcher's map).
 test: setup
+	@$(call debian,chromium,chromium,the map test needs a headless browser)
 	$(BIN)/python -m pytest
 
 lint: setup
@@ -43,12 +55,7 @@ lock:
 
 bench-setup: setup
 	$(UV) sync --locked --inexact --quiet --group dev --group bench
-	@command -v wrk >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
-	  else \
-	    echo "make bench needs wrk (a compiled HTTP load generator): sudo apt-get install wrk"; exit 1; \
-	  fi; }
+	@$(call debian,wrk,wrk,make bench needs wrk (a compiled HTTP load generator))
 
 ## Benchmarks (not tests): each starts the backend, prints its figures and a baseline ratio.
 ## Ray runs its workers at nice 15; every load generator and floor runs at nice 15 too.

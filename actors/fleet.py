@@ -254,7 +254,11 @@ class FleetShard:
             else:
                 await session.commit()
 
-    async def _publish(self, *events: dict[str, Any]) -> None:
+    async def _publish(self, store: LiveStore, *events: dict[str, Any]) -> None:
+        """Tell the delivery replicas (one Redis channel; each keeps what its sockets watch)."""
+        await self._send([{**event, "store_id": store.id} for event in events])
+
+    async def _send(self, events: list[dict[str, Any]]) -> None:
         if not events:
             return
         async with self._kv().pipeline(transaction=False) as pipe:
@@ -441,7 +445,7 @@ class FleetShard:
                     events.append({"type": "trip", "partner_id": cancelled.partner_id})
             store.orders.pop(order_id, None)
             events.append(self._tracking_event(store, order, final=True))
-            await self._publish(*events)
+            await self._publish(store, *events)
 
     async def shift(self, store_id: uuid.UUID, partner_id: uuid.UUID, online: bool) -> PartnerOut:
         """The partner goes online or offline (refused with an active delivery); offline
@@ -460,7 +464,7 @@ class FleetShard:
                 )
             live.online = online
             if not online and live.offer_id is not None:
-                await self._publish(*await self._close_offers(store, [live.offer_id], "recalled"))
+                await self._publish(store, *await self._close_offers(store, [live.offer_id], "recalled"))
             return out
 
     async def suspended(self, store_id: uuid.UUID, partner_id: uuid.UUID) -> None:
@@ -472,7 +476,7 @@ class FleetShard:
             events = [{"type": "kick", "partner_id": partner_id, "reason": "suspended"}]
             if live is not None and live.offer_id is not None:
                 events = await self._close_offers(store, [live.offer_id], "recalled") + events
-            await self._publish(*events)
+            await self._publish(store, *events)
 
     async def reinstated(self, store_id: uuid.UUID, partner_id: uuid.UUID) -> None:
         store = await self._store(store_id)
@@ -523,7 +527,7 @@ class FleetShard:
                 self._remember_delivery(store, d, rows[d.order_id])
             events: list[dict[str, Any]] = [{"type": "trip", "partner_id": partner_id}]
             events += [self._tracking_event(store, store.orders[d.order_id]) for d in deliveries]
-            await self._publish(*events)
+            await self._publish(store, *events)
 
     async def advance(
         self,
@@ -552,7 +556,7 @@ class FleetShard:
                 if partner is not None and order.id in partner.trip:
                     partner.trip.remove(order.id)
                 events.append({"type": "trip", "partner_id": d.partner_id})
-            await self._publish(*events)
+            await self._publish(store, *events)
             return out
 
     # ------------------------------------------------------------ positions
@@ -563,6 +567,7 @@ class FleetShard:
         customers of the partner's trip see the new position and ETA."""
         now_s = time.time()
         acks, events = [], []
+        moved_stores: set[uuid.UUID] = set()
         for batch in batches:
             store = await self._store(batch.store_id)
             partner = store.partners.get(batch.partner_id)
@@ -587,16 +592,19 @@ class FleetShard:
             self.dropped.update(dropped)
             if result.kept:
                 store.dirty_positions.add(partner.id)
+                moved_stores.add(store.id)
             if result.moved:
                 events += [
-                    self._tracking_event(store, store.orders[oid])
+                    {**self._tracking_event(store, store.orders[oid]), "store_id": store.id}
                     for oid in partner.trip
                     if oid in store.orders
                 ]
             acks.append(
                 IngestAck(partner_id=partner.id, accepted=len(result.kept), late=result.late, dropped=dropped)
             )
-        await self._publish(*events)
+        # Boards redraw on any event of their store: say which stores' partners moved.
+        events += [{"type": "positions", "store_id": store_id} for store_id in moved_stores]
+        await self._send(events)
         return acks
 
     async def _flush_positions(self) -> None:
@@ -666,7 +674,7 @@ class FleetShard:
         }
 
     async def _publish_tracking(self, store: LiveStore, order: LiveOrder) -> None:
-        await self._publish(self._tracking_event(store, order))
+        await self._publish(store, self._tracking_event(store, order))
 
     async def tracking(self, store_id: uuid.UUID, order_id: uuid.UUID, order_status: str) -> Tracking:
         """The live tracking snapshot of an order (the caller checked it is the customer's)."""
@@ -786,7 +794,7 @@ class FleetShard:
                     "pickup_eta_s": int(offer.cost_s),
                 }
             )
-        await self._publish(*events)
+        await self._publish(store, *events)
         return made
 
     async def _close_offers(

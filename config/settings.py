@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     # Replicas gather position messages for this long and send one call per shard: tens of
     # ms is invisible on a map yet turns thousands of messages/s into tens of actor calls.
     partner_position_coalesce_ms: int = Field(default=50, ge=1, le=1000)
+    # A socket's first message must authenticate within this; heartbeats keep proxies and
+    # phones from dropping an idle socket and tell a dead client apart.
+    delivery_ws_auth_timeout_seconds: float = Field(default=5, gt=0)
+    delivery_ws_heartbeat_seconds: float = Field(default=15, gt=0)
     # Batching: orders of one store whose drops are all within this distance of each other
     # (a block or a gated society in a dense Indian city) may go as one trip ...
     delivery_batch_close_m: float = Field(default=500, ge=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import threading
@@ -50,10 +51,10 @@ def banner(base: str, prefixes: list[str], admin_phone: str, log_file: Path, sec
         f"    admin       {admin_phone}",
         "    customers   " + ", ".join(f"{c['phone']} ({c['name']})" for c in DEMO_CUSTOMERS),
         f"    1. curl -s -X POST {base}/users/auth/otp -H 'content-type: application/json' \\",
-        f"            -d '{{\"phone\": \"{customer}\"}}'",
+        f'            -d \'{{"phone": "{customer}"}}\'',
         f"    2. curl -s '{base}/notifications/dev/outbox?to={quote(customer)}'   # the 6-digit code",
         f"    3. curl -s -X POST {base}/users/auth/verify -H 'content-type: application/json' \\",
-        "            -d '{\"challenge_id\": \"<from 1>\", \"code\": \"<from 2>\"}'",
+        '            -d \'{"challenge_id": "<from 1>", "code": "<from 2>"}\'',
         "",
         f"  Logs: {log_file}",
         "  Ctrl-C stops everything (Serve, Ray and the embedded PostgreSQL and Redis).",
@@ -62,7 +63,16 @@ def banner(base: str, prefixes: list[str], admin_phone: str, log_file: Path, sec
     return "\n".join(lines)
 
 
-def _run(log_file: Path) -> None:
+def _simulate_forever() -> None:
+    from pipelines.simulate import main as simulate
+
+    try:
+        simulate(["--duration", str(10**9)])
+    except Exception:
+        logging.getLogger("vurksha.simulate").exception("the demo traffic stopped")
+
+
+def _run(log_file: Path, simulate: bool = False) -> None:
     from deployments.launcher import backend, load_serve_config
 
     # SIGINT and SIGTERM must unwind so that Ray and the embedded servers are stopped, even
@@ -75,6 +85,8 @@ def _run(log_file: Path) -> None:
         prefixes = [app["route_prefix"] for app in load_serve_config()["applications"]]
         _wait_until_answering(base, prefixes)
         print(banner(base, prefixes, settings.admin_phone, log_file, time.monotonic() - began), flush=True)
+        if simulate:
+            threading.Thread(target=_simulate_forever, name="simulate", daemon=True).start()
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
@@ -104,14 +116,24 @@ async def _outbox(database_url: str, requeue: list[int] | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vurksha", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="start embedded servers (if needed), migrate, seed and serve")
+    run = sub.add_parser("run", help="start embedded servers (if needed), migrate, seed and serve")
+    run.add_argument(
+        "--simulate", action="store_true", help="once up, run demo traffic (vurksha simulate) until stopped"
+    )
+    sub.add_parser("simulate", help="demo traffic against a running backend (see --help)", add_help=False)
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("seed", help="load seed and demo data (idempotent)")
     dead = sub.add_parser("outbox", help="list dead-lettered outbox events, or requeue them")
     dead.add_argument("--requeue", nargs="*", type=int, metavar="ID", help="requeue these (no ids: all dead)")
-    openapi = sub.add_parser("openapi", help="write the merged OpenAPI document")
+    openapi = sub.add_parser("openapi", help="write the merged OpenAPI document and the WebSockets' schemas")
     openapi.add_argument("--check", action="store_true", help="exit 1 if openapi.json is stale")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "simulate":
+        from pipelines.simulate import main as simulate
+
+        sys.exit(simulate(rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = get_settings()
     # `run` keeps the terminal for its steps, warnings and errors; the rest goes to a file.
     log_file = settings.data_dir.resolve() / "logs" / "vurksha.log" if args.command == "run" else None
@@ -119,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "run":
         assert log_file is not None
-        _run(log_file)
+        _run(log_file, args.simulate)
     elif args.command in ("migrate", "seed", "outbox"):
         if not settings.database_url:
             parser.error("DATABASE_URL is not set (use `vurksha run` for the embedded servers)")
@@ -134,13 +156,14 @@ def main(argv: list[str] | None = None) -> None:
 
             asyncio.run(seed(settings))
     elif args.command == "openapi":
-        from deployments.openapi import OPENAPI_FILE, render
+        from deployments.openapi import OPENAPI_FILE, WEBSOCKETS_FILE, render, render_websockets
 
-        text = render()
+        documents = {OPENAPI_FILE: render(), WEBSOCKETS_FILE: render_websockets()}
         if args.check:
-            sys.exit(0 if OPENAPI_FILE.exists() and OPENAPI_FILE.read_text() == text else 1)
-        OPENAPI_FILE.write_text(text)
-        print(f"wrote {OPENAPI_FILE}")
+            sys.exit(0 if all(f.exists() and f.read_text() == t for f, t in documents.items()) else 1)
+        for path, text in documents.items():
+            path.write_text(text)
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

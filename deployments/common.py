@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -284,7 +285,7 @@ def resolve_client_ip(peer: str, forwarded_for: str, trusted: list[IPNetwork]) -
     return hops[0] if hops else peer
 
 
-def client_ip(request: Request) -> str:
+def client_ip(request: HTTPConnection) -> str:
     peer = request.client.host if request.client else "0.0.0.0"
     return resolve_client_ip(peer, request.headers.get("x-forwarded-for", ""), resources().trusted_proxies)
 
@@ -315,14 +316,15 @@ class RateLimiter:
         return None
 
 
-def _bearer(request: Request) -> str | None:
+def _bearer(request: HTTPConnection) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def rate_limit(request: Request) -> AccessClaims | None:
-    """Per-IP limit on every request, plus a per-user limit when a valid token is present.
-    Returns the verified claims so authentication does not verify twice."""
+async def rate_limit(request: HTTPConnection) -> AccessClaims | None:
+    """Per-IP limit on every request (and on every WebSocket handshake), plus a per-user
+    limit when a valid token is present. Returns the verified claims so authentication does
+    not verify twice."""
     res = resources()
     claims = None
     if token := _bearer(request):

@@ -7,9 +7,19 @@ fleet shard holding the store (`actors.fleet`), which writes PostgreSQL and keep
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import re
 import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
-from fastapi import Depends
+from fastapi import Depends, WebSocket
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.websockets import WebSocketDisconnect
 
 from actors import fleet
 from actors.fleet import Board, IngestAck, PositionBatch, Tracking
@@ -24,10 +34,30 @@ from deployments.common import (
     resources,
     serve_builder,
 )
-from models import delivery, orders, outbox
+from deployments.live import (
+    CLOSE,
+    AnswerIn,
+    AuthIn,
+    Closed,
+    ErrorMsg,
+    Hub,
+    OfferClosedMsg,
+    OfferMsg,
+    PartnerMessage,
+    PingIn,
+    PingOut,
+    PositionMsg,
+    ReadyOut,
+    Socket,
+    TrackingMsg,
+    TripMsg,
+    serve_socket,
+)
+from models import delivery, orders, outbox, users
 from models.db import utcnow
 from models.delivery import DeliveryOut, OfferOut, PartnerIn, PartnerOut, ShiftIn, StatusIn
 from models.delivery_rules import DeliveryActor
+from models.errors import AppError, Unauthorized
 from models.users import Role, normalize_phone
 
 api = create_api(
@@ -37,6 +67,16 @@ api = create_api(
 )
 
 OPS = Depends(require_role(Role.admin, Role.ops))
+# Nothing more will move on the map: a tracking socket gets the snapshot and is closed (1000).
+TRACKING_OVER = frozenset(
+    {
+        orders.Status.delivered,
+        orders.Status.cancelled,
+        orders.Status.returned,
+        orders.Status.partially_refunded,
+        orders.Status.refunded,
+    }
+)
 
 
 # ---------------------------------------------------------------- partners (ops)
@@ -236,6 +276,234 @@ async def run_round(store_id: uuid.UUID) -> int:
     offers made. Admins and ops."""
     made: int = await fleet.on_fleet(store_id, "round_now")
     return made
+
+
+# ---------------------------------------------------------------- the dispatcher's map
+
+MAP_PAGE = (Path(__file__).parent / "static" / "dispatch.html").read_text()
+# The page's one inline script, allowed by its hash: nothing else may run or load.
+_SCRIPT = re.search(r"<script>(.*?)</script>", MAP_PAGE, re.S)
+assert _SCRIPT is not None
+MAP_POLICY = (
+    "default-src 'none'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
+    f"script-src 'sha256-{base64.b64encode(hashlib.sha256(_SCRIPT.group(1).encode()).digest()).decode()}'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@api.get("/map", response_class=HTMLResponse, tags=["store"])
+async def dispatch_map() -> HTMLResponse:
+    """The dispatcher's live map: one self-contained page (no external scripts, tiles or
+    fonts) drawing a store's partners, their trails, queued orders and trips from the board
+    socket. It asks for an access token and a store (or reads `#token=…&store=…`, which the
+    browser never sends to a server)."""
+    return HTMLResponse(
+        MAP_PAGE, headers={"Content-Security-Policy": MAP_POLICY, "Cache-Control": "no-store"}
+    )
+
+
+# ---------------------------------------------------------------- WebSockets
+
+_hub: Hub | None = None
+
+
+def hub() -> Hub:
+    """This replica's hub, started with its first socket."""
+    global _hub
+    if _hub is None:
+        settings = resources().settings
+        assert settings.redis_url
+        _hub = Hub(settings.redis_url, settings.partner_position_coalesce_ms)
+        _hub.on_partner_event = _partner_event
+    _hub.start()
+    return _hub
+
+
+async def _open(ws: WebSocket) -> tuple[Socket, Principal]:
+    """Accept, then authenticate from the first message (never the query string): a token
+    as `{"type": "auth", "token": ...}` within the auth timeout."""
+    settings = resources().settings
+    await ws.accept()
+    socket = Socket(ws, settings.delivery_ws_max_message_bytes, settings.delivery_ws_max_messages_per_second)
+    try:
+        body = await socket.receive(wait_s=settings.delivery_ws_auth_timeout_seconds)
+        token = AuthIn.model_validate(body).token
+        claims = resources().tokens.verify(token)
+        async with resources().sessionmaker() as db:
+            user = await users.authenticate(db, user_id=claims.sub, session_id=claims.sid, now=utcnow())
+    except (TimeoutError, ValidationError, Unauthorized):
+        raise Closed("unauthenticated") from None
+    return socket, Principal(user=user, session_id=claims.sid)
+
+
+async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
+    """Close with the code a refusal calls for; a client that left needs nothing."""
+    try:
+        await run()
+    except Closed as exc:
+        with contextlib.suppress(Exception):
+            await ws.close(exc.code)
+    except WebSocketDisconnect:
+        pass
+
+
+@api.websocket("/ws/partner")
+async def partner_socket(ws: WebSocket) -> None:
+    """The partner app's socket (messages in `websockets.schema.json`): positions in (coalesced
+    before they reach the fleet), offers, recalls and the trip out, accept/decline in."""
+
+    async def run() -> None:
+        socket, principal = await _open(ws)
+        live = hub()
+        async with resources().sessionmaker() as db:
+            try:
+                partner = await delivery.partner_for(db, principal.user)
+            except AppError:
+                raise Closed("forbidden") from None
+            # Listening before reading: an offer made meanwhile is in the read or in an event.
+            live.partners[partner.user_id].add(socket)
+            socket.post(
+                "ready",
+                ReadyOut(
+                    partner=delivery.partner_out(partner),
+                    offers=[
+                        OfferOut.model_validate(o, from_attributes=True)
+                        for o in await delivery.open_offers(db, partner.user_id, utcnow())
+                    ],
+                    trip=await delivery.partner_trip(db, partner.user_id),
+                ),
+            )
+        parse = TypeAdapter(PartnerMessage).validate_python
+
+        async def handle(body: dict[str, Any]) -> None:
+            try:
+                message = parse(body)
+            except ValidationError:
+                raise Closed("malformed") from None
+            if isinstance(message, PositionMsg):
+                live.position(partner.store_id, partner.user_id, message)
+            elif isinstance(message, AnswerIn):
+                try:
+                    await fleet.on_fleet(
+                        partner.store_id,
+                        "answer",
+                        partner.user_id,
+                        message.offer_id,
+                        message.type == "accept",
+                    )
+                except AppError as exc:
+                    socket.post("error", ErrorMsg(code=exc.code, detail=exc.message))
+            elif message.type == "ping":
+                socket.post("pong", PingOut(type="pong"))
+
+        await serve_socket(
+            socket,
+            resources().settings.delivery_ws_heartbeat_seconds,
+            handle,
+            lambda: live.forget(live.partners, partner.user_id, socket),
+        )
+
+    await _guard(ws, run)
+
+
+async def _partner_event(event: dict[str, Any]) -> None:
+    """A fleet event for a partner with a socket on this replica."""
+    partner_id = uuid.UUID(event["partner_id"])
+    sockets = list(hub().partners.get(partner_id, ()))
+    kind = event["type"]
+    if kind == "offer":
+        message: BaseModel = OfferMsg(
+            offer=OfferOut.model_validate(event["offer"]), pickup_eta_s=event["pickup_eta_s"]
+        )
+    elif kind == "offer_closed":
+        message = OfferClosedMsg(offer_id=event["offer_id"], status=event["status"], offline=event["offline"])
+    elif kind == "trip":
+        async with resources().sessionmaker() as db:
+            message = TripMsg(deliveries=await delivery.partner_trip(db, partner_id))
+    elif kind == "kick":
+        for socket in sockets:
+            socket.post(
+                "error",
+                ErrorMsg(code="partner_suspended", detail="Suspended by ops"),
+                then_close=CLOSE["forbidden"],
+            )
+        return
+    else:
+        return
+    for socket in sockets:
+        socket.post(kind, message)
+
+
+@api.websocket("/ws/orders/{order_id}")
+async def order_socket(ws: WebSocket, order_id: uuid.UUID) -> None:
+    """A customer watching their order: a snapshot on connect, then each change (only the
+    latest if they fall behind), closed with 1000 once delivered or cancelled. Someone
+    else's order closes with 4404, as a missing one does."""
+
+    async def run() -> None:
+        socket, principal = await _open(ws)
+        try:
+            async with resources().sessionmaker() as db:
+                order = await orders.get_visible(db, order_id, principal.user)
+        except AppError:
+            raise Closed("not_found") from None
+        if order.user_id != principal.id:
+            raise Closed("not_found")
+        live = hub()
+        live.orders[order.id].add(socket)  # before the snapshot: no change can fall between
+        snapshot: Tracking = await fleet.on_fleet(order.store_id, "tracking", order.id, order.status)
+        if not socket.holds("tracking"):
+            over = orders.Status(order.status) in TRACKING_OVER
+            socket.post(
+                "tracking", TrackingMsg(tracking=snapshot), then_close=CLOSE["finished"] if over else None
+            )
+
+        async def handle(body: dict[str, Any]) -> None:
+            try:
+                message = PingIn.model_validate(body)
+            except ValidationError:
+                raise Closed("malformed") from None
+            if message.type == "ping":
+                socket.post("pong", PingOut(type="pong"))
+
+        await serve_socket(
+            socket,
+            resources().settings.delivery_ws_heartbeat_seconds,
+            handle,
+            lambda: live.forget(live.orders, order.id, socket),
+        )
+
+    await _guard(ws, run)
+
+
+@api.websocket("/ws/stores/{store_id}/board")
+async def board_socket(ws: WebSocket, store_id: uuid.UUID) -> None:
+    """A store's live board, at most once a second while anything changes. Staff of the
+    store, ops and admins (others: 4403)."""
+
+    async def run() -> None:
+        socket, principal = await _open(ws)
+        if principal.role not in (Role.staff, Role.ops, Role.admin) or not orders.works_for(
+            principal.user, store_id
+        ):
+            raise Closed("forbidden")
+        live = hub()
+        live.watch_board(store_id, socket)
+
+        async def handle(body: dict[str, Any]) -> None:
+            try:
+                PingIn.model_validate(body)
+            except ValidationError:
+                raise Closed("malformed") from None
+
+        await serve_socket(
+            socket,
+            resources().settings.delivery_ws_heartbeat_seconds,
+            handle,
+            lambda: live.forget(live.boards, store_id, socket),
+        )
+
+    await _guard(ws, run)
 
 
 # ---------------------------------------------------------------- outbox subscriber

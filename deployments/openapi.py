@@ -1,5 +1,6 @@
 """One OpenAPI document for the whole API: every application's document, its paths under the
-application's route prefix, merged. Committed as `openapi.json`; `make openapi` rewrites it."""
+application's route prefix, merged. Committed as `openapi.json`, beside the WebSockets' message
+schemas (`websockets.schema.json`, which OpenAPI cannot describe); `make openapi` rewrites both."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from deployments.launcher import ROOT, load_serve_config
 
 OPENAPI_FILE = ROOT / "openapi.json"
+WEBSOCKETS_FILE = ROOT / "websockets.schema.json"
 
 
 def merged() -> dict[str, Any]:
@@ -44,3 +46,9 @@ def merged() -> dict[str, Any]:
 
 def render() -> str:
     return json.dumps(merged(), indent=2) + "\n"
+
+
+def render_websockets() -> str:
+    from deployments.live import schema_document
+
+    return json.dumps(schema_document(), indent=2) + "\n"

@@ -4,16 +4,24 @@ deliveries, recalls, and a shard killed with offers and positions in flight."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import ray
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from config.settings import get_settings
+from deployments.openapi import WEBSOCKETS_FILE
 from tests.conftest import Live, Session
 from tests.service.shop import Shop, add, add_address, make_product, make_shop
 from tests.service.test_orders import checkout, pay, status_becomes, wait_for
@@ -482,3 +490,213 @@ def test_positions_are_filtered_and_survive_a_shard_restart(live: Live, shop: Sh
     after = where()
     assert after["position"] == before["position"] and after["trail"] == before["trail"]
     assert after["state"] == "idle"
+
+
+# ---------------------------------------------------------------- WebSockets
+
+SCHEMAS = json.loads(WEBSOCKETS_FILE.read_text())["sockets"]
+CODES = json.loads(WEBSOCKETS_FILE.read_text())["close_codes"]
+
+
+def ws_url(live: Live, path: str) -> str:
+    return live.base_url.replace("http://", "ws://") + path
+
+
+class Client:
+    """A real WebSocket client whose every message, both ways, must match the committed schema."""
+
+    def __init__(self, live: Live, path: str, schema_path: str) -> None:
+        self.ws = connect(
+            ws_url(live, path), open_timeout=30, additional_headers={"X-Forwarded-For": "2001:db8::77"}
+        )
+        schema = SCHEMAS[schema_path]
+        self.incoming = jsonschema.Draft202012Validator(schema["server_to_client"])
+        self.outgoing = jsonschema.Draft202012Validator(schema["client_to_server"])
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.outgoing.validate(message)
+        self.ws.send(json.dumps(message))
+
+    def recv(self, kind: str | None = None, timeout: float = 20) -> dict[str, Any]:
+        """The next message (of `kind`, skipping heartbeats and others)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            self.incoming.validate(message)
+            if kind is None or message["type"] == kind:
+                return dict(message)
+
+    def closed_with(self, timeout: float = 20) -> int:
+        with pytest.raises(ConnectionClosed) as closed:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                self.recv(timeout=deadline - time.monotonic())
+        assert closed.value.rcvd is not None
+        return int(closed.value.rcvd.code)
+
+
+def test_partner_and_customer_sockets_carry_a_delivery(live: Live, shop: Shop, ops: Session):
+    store = shop.store_a
+    partner = partner_at(live, ops, store)
+    app = Client(live, "/delivery/ws/partner", "/delivery/ws/partner")
+    app.send({"type": "auth", "token": partner.tokens["access_token"]})
+    ready = app.recv("ready")
+    assert ready["partner"]["user_id"] == partner.user_id and ready["offers"] == [] and ready["trip"] == []
+
+    user, placed, _ = confirmed_order(live, shop)
+    watch = Client(live, f"/delivery/ws/orders/{placed['id']}", "/delivery/ws/orders/{order_id}")
+    watch.send({"type": "auth", "token": user.tokens["access_token"]})
+    first = watch.recv("tracking")["tracking"]
+    assert first["order_id"] == placed["id"] and first["partner"] is None
+
+    offer = app.recv("offer")
+    assert offer["offer"]["order_ids"] == [placed["id"]] and offer["pickup_eta_s"] > 0
+    app.send({"type": "accept", "offer_id": offer["offer"]["id"]})
+    trip = app.recv("trip")["deliveries"]
+    assert [d["order_id"] for d in trip] == [placed["id"]]
+    assigned = watch.recv("tracking")["tracking"]
+    assert assigned["delivery_status"] == "assigned" and assigned["partner"]["vehicle"] == "scooter"
+
+    # Positions over the socket reach the customer's socket (coalesced by the replica).
+    lat = store["lat"] + 0.45 * KM_LAT
+    app.send({"type": "position", "lat": lat, "lng": store["lng"], "ts": time.time() + 5, "accuracy_m": 6.0})
+    moved = watch.recv("tracking")["tracking"]
+    assert moved["position"]["lat"] == pytest.approx(lat)
+    app.send({"type": "ping"})
+    assert app.recv("pong")["type"] == "pong"
+    # A late answer gets an error message, not a closed socket.
+    app.send({"type": "decline", "offer_id": offer["offer"]["id"]})
+    assert app.recv("error")["code"] == "offer_closed"
+
+    # The delivery ends: the customer's socket gets the last state and is closed normally.
+    (job,) = ok(partner.request("GET", "/delivery/partners/me/trip"))
+    staff = staff_of(live, store)
+    ok(staff.request("POST", f"/orders/{placed['id']}/transitions", json={"to": "packed"}))
+    for to in ("at_store", "picked_up", "arrived"):
+        ok(advance(partner, job["id"], to))
+    pin = watch.recv("tracking")["tracking"]
+    while pin["delivery_status"] != "arrived":
+        pin = watch.recv("tracking")["tracking"]
+    due = placed["totals"]["total_paise"]
+    ok(advance(partner, job["id"], "delivered", pin=pin["pin"], cash_collected_paise=due))
+    assert watch.closed_with() == CODES["finished"]
+
+    # Reconnecting gets the snapshot again (delivered now), then the same close.
+    again = Client(live, f"/delivery/ws/orders/{placed['id']}", "/delivery/ws/orders/{order_id}")
+    again.send({"type": "auth", "token": user.tokens["access_token"]})
+    assert again.recv("tracking")["tracking"]["order_status"] == "delivered"
+    assert again.closed_with() == CODES["finished"]
+
+    # Ops suspend the partner: their socket is closed with 4403.
+    ok(ops.request("POST", f"/delivery/partners/{partner.user_id}/suspend"))
+    assert app.recv("error")["code"] == "partner_suspended"
+    assert app.closed_with() == CODES["forbidden"]
+
+
+def test_sockets_authenticate_first_and_bound_what_they_read(live: Live, shop: Shop, ops: Session):
+    user, placed, _ = confirmed_order(live, shop)
+    order_path = f"/delivery/ws/orders/{placed['id']}"
+    schema = "/delivery/ws/orders/{order_id}"
+
+    silent = Client(live, order_path, schema)
+    assert (
+        silent.closed_with(timeout=get_settings().delivery_ws_auth_timeout_seconds + 10)
+        == CODES["unauthenticated"]
+    )
+    forged = Client(live, order_path, schema)
+    forged.ws.send(json.dumps({"type": "auth", "token": "eyJhbGciOiJub25lIn0.e30."}))
+    assert forged.closed_with() == CODES["unauthenticated"]
+    query = Client(live, order_path + f"?token={user.tokens['access_token']}", schema)
+    query.ws.send(json.dumps({"type": "ping"}))
+    assert query.closed_with() == CODES["unauthenticated"]  # a token in the URL is not read
+    for path, who in ((order_path, live.login()), (f"/delivery/ws/orders/{uuid.uuid4()}", user)):
+        other = Client(live, path, schema)
+        other.send({"type": "auth", "token": who.tokens["access_token"]})
+        assert other.closed_with() == CODES["not_found"]  # someone else's looks like a missing one
+    customer_on_partner_socket = Client(live, "/delivery/ws/partner", "/delivery/ws/partner")
+    customer_on_partner_socket.send({"type": "auth", "token": user.tokens["access_token"]})
+    assert customer_on_partner_socket.closed_with() == CODES["forbidden"]
+
+    def authed() -> Client:
+        client = Client(live, order_path, schema)
+        client.send({"type": "auth", "token": user.tokens["access_token"]})
+        client.recv("tracking")
+        return client
+
+    big = authed()
+    big.ws.send(json.dumps({"type": "ping", "pad": "x" * get_settings().delivery_ws_max_message_bytes}))
+    assert big.closed_with() == CODES["too_large"]
+    garbled = authed()
+    garbled.ws.send("{not json")
+    assert garbled.closed_with() == CODES["malformed"]
+    flood = authed()
+    with contextlib.suppress(ConnectionClosed):
+        for _ in range(int(get_settings().delivery_ws_max_messages_per_second * 10)):
+            flood.ws.send(json.dumps({"type": "pong"}))
+    assert flood.closed_with() == CODES["flood"]
+
+
+# ---------------------------------------------------------------- the dispatcher's map
+
+
+class Chromium:
+    """Headless Chromium (Debian's package) driven over its DevTools protocol."""
+
+    def __init__(self, tmp: Any) -> None:
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        assert binary, "chromium is missing: `make test` installs it (apt-get install chromium)"
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+             f"--user-data-dir={tmp}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        port_file = tmp / "DevToolsActivePort"
+        wait_for(port_file.exists, 30, "chromium")
+        port = port_file.read_text().split()[0]
+        targets = wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/json/list").json(), 10, "a tab")
+        page = next(t for t in targets if t["type"] == "page")
+        self.cdp = connect(page["webSocketDebuggerUrl"], max_size=None)
+        self.ids = 0
+
+    def send(self, method: str, **params: Any) -> Any:
+        self.ids += 1
+        self.cdp.send(json.dumps({"id": self.ids, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.cdp.recv(timeout=30))
+            if reply.get("id") == self.ids:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def js(self, expression: str) -> Any:
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self) -> None:
+        self.cdp.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_the_dispatch_map_shows_partners_moving(live: Live, shop: Shop, ops: Session, tmp_path):
+    store = shop.store_a
+    page = httpx.get(f"{live.base_url}/delivery/map")
+    assert page.status_code == 200 and "script-src 'sha256-" in page.headers["content-security-policy"]
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from outside
+    partner = partner_at(live, ops, store, km_north=0.2)
+    browser = Chromium(tmp_path)
+    try:
+        token = ops.tokens["access_token"]
+        browser.send("Page.navigate", url=f"{live.base_url}/delivery/map#token={token}&store={store['id']}")
+        row = f"document.querySelector('tr[data-partner=\"{partner.user_id}\"] td:nth-child(3)')?.textContent"
+        first = wait_for(lambda: browser.js(row), 30, "the partner on the map")
+        assert first.startswith(f"{store['lat'] + 0.2 * KM_LAT:.5f}")
+        move_to(partner, store["lat"] + 0.6 * KM_LAT, store["lng"])
+        moved = wait_for(lambda: (text := browser.js(row)) != first and text, 30, "the partner moving")
+        assert moved.startswith(f"{store['lat'] + 0.6 * KM_LAT:.5f}")
+        assert browser.js("document.getElementById('status').textContent") == "connected"
+        # The canvas drew something (the store and the partner), not a blank page.
+        painted = (
+            "[...document.getElementById('map').getContext('2d').getImageData(0,0,300,300).data].some(v => v)"
+        )
+        assert browser.js(painted) is True
+    finally:
+        browser.close()

@@ -18,7 +18,7 @@ from sqlalchemy import make_url, text
 
 from deployments.common import resolve_client_ip
 from deployments.launcher import SERVE_CONFIG
-from deployments.openapi import OPENAPI_FILE, render
+from deployments.openapi import OPENAPI_FILE, WEBSOCKETS_FILE, render, render_websockets
 from models.db import make_engine
 from models.migrate import downgrade, upgrade
 from tests.conftest import ROOT, Live, Session, fake_ip, production_app
@@ -112,6 +112,7 @@ def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored():
 
 def test_merged_openapi_is_current():
     assert OPENAPI_FILE.read_text() == render(), "openapi.json is stale: run `make openapi`"
+    assert WEBSOCKETS_FILE.read_text() == render_websockets(), "websockets.schema.json is stale: run `make openapi`"
 
 
 def test_migrations_run_down_and_up_from_empty(live: Live):
