@@ -1,11 +1,11 @@
 """`vurksha simulate`: demo traffic against a running backend, over the real APIs only.
 
-Customers order from one dark store (cash on delivery), the store's staff confirm and pack,
-delivery partners go online near the store, stream their position every second, accept
-offers, ride in straight lines at city speed, hand over with the customer's PIN and collect
-the cash. `--speedup K` compresses packing and waiting K times and travel as far as the
-ingest filter's speed limit allows (`partner_position_max_speed_mps`), so a short run
-delivers orders end to end. Exits 0 when the time is up.
+Customers (living within ~1 km of one dark store, which serves them) order from it (cash on
+delivery), the store's staff confirm and pack, delivery partners go online near the store,
+stream their position every second, accept offers, ride in straight lines at city speed,
+hand over with the customer's PIN and collect the cash. `--speedup K` compresses packing and
+waiting K times and travel as far as the ingest filter's speed limit allows
+(`partner_position_max_speed_mps`), so a short run delivers orders end to end. Exits 0 when the time is up.
 
 Every simulated person logs in by OTP through the dev outbox (so the backend must run
 outside production) from an address of their own in the documentation range (RFC 3849),
@@ -107,7 +107,12 @@ def _metres(a: tuple[float, float], b: tuple[float, float]) -> float:
 
 async def customer(world: World, person: Person, products: list[str]) -> None:
     """Order something, wait for it (reading the PIN when the partner arrives), repeat."""
-    lat, lng = _near(world.store, min(2.0, world.store["service_radius_km"] * 0.8))
+    # A home this store serves first (another store nearer would take the orders).
+    for _ in range(50):
+        lat, lng = _near(world.store, min(1.2, world.store["service_radius_km"] * 0.8))
+        nearby = await person.client.get("/products/stores/nearby", params={"lat": lat, "lng": lng})
+        if nearby.status_code == 200 and nearby.json()[0]["id"] == world.store["id"]:
+            break
     address = await person.client.post(
         "/users/me/addresses",
         json={"line1": "Simulated street", "city": "Bengaluru", "pincode": "560001", "lat": lat, "lng": lng,
@@ -160,7 +165,7 @@ async def staff(world: World, person: Person) -> None:
 
 async def partner(world: World, person: Person) -> None:
     """Online near the store; accept offers, ride there and to each drop, hand over."""
-    here = _near(world.store, 2.0)
+    here = _near(world.store, 0.8)
     speed = min(CITY_SPEED_MPS * world.speedup, world.max_speed_mps * 0.8)
     last_ts = time.time()
 
