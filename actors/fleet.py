@@ -23,8 +23,8 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from actors import call, named, shard_index
 from config.settings import Settings, get_settings
 from models import delivery, orders
-from models.db import make_engine, make_redis, make_sessionmaker, utcnow
+from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
 from models.delivery import ACTIVE_SQL, DISPATCHABLE, PartnerOut, StatusIn
 from models.delivery_rules import (
     ACTIVE_DELIVERY,
@@ -55,7 +55,6 @@ from models.delivery_rules import (
     filter_positions,
     route_etas_s,
 )
-from models.errors import AppError
 from models.products import Store
 from models.users import User
 
@@ -238,21 +237,9 @@ class FleetShard:
             self._redis = make_redis(self.settings.redis_url)
         return self._redis
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncSession]:
-        """One transaction per actor call, like a request: committed unless it raises (an
-        AppError that must keep its changes, such as a counted wrong PIN, still commits)."""
-        async with self._db()() as session:
-            try:
-                yield session
-            except AppError as exc:
-                await (session.commit() if exc.keep_changes else session.rollback())
-                raise
-            except BaseException:
-                await session.rollback()
-                raise
-            else:
-                await session.commit()
+    def _tx(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """One transaction per actor call, like a request (a counted wrong PIN still commits)."""
+        return transaction(self._db())
 
     async def _publish(self, store: LiveStore, *events: dict[str, Any]) -> None:
         """Tell the delivery replicas (one Redis channel; each keeps what its sockets watch)."""

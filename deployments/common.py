@@ -37,7 +37,7 @@ import models.tables  # noqa: F401
 from config.logging import setup_logging
 from config.settings import Settings, get_settings
 from models import idempotency, users
-from models.db import make_engine, make_redis, make_sessionmaker, utcnow
+from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
 from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
 from models.gateway import RazorpayClient, make_gateway
 from models.notifications import SmsProvider, make_sms_provider
@@ -239,20 +239,8 @@ async def get_db() -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed at the boundary before the response is sent
     (the dependency is function-scoped); any error rolls it back unless the error says the
     failure itself must be recorded."""
-    async with resources().sessionmaker() as session:
-        try:
-            yield session
-        except AppError as exc:
-            if exc.keep_changes:
-                await session.commit()
-            else:
-                await session.rollback()
-            raise
-        except BaseException:
-            await session.rollback()
-            raise
-        else:
-            await session.commit()
+    async with transaction(resources().sessionmaker) as session:
+        yield session
 
 
 Db = Annotated[AsyncSession, Depends(get_db, scope="function")]

@@ -44,7 +44,6 @@ from deployments.live import (
     OfferClosedMsg,
     OfferMsg,
     PartnerMessage,
-    PingIn,
     PingOut,
     PositionMsg,
     ReadyOut,
@@ -324,7 +323,12 @@ async def _open(ws: WebSocket) -> tuple[Socket, Principal]:
     as `{"type": "auth", "token": ...}` within the auth timeout."""
     settings = resources().settings
     await ws.accept()
-    socket = Socket(ws, settings.delivery_ws_max_message_bytes, settings.delivery_ws_max_messages_per_second)
+    socket = Socket(
+        ws,
+        settings.delivery_ws_max_message_bytes,
+        settings.delivery_ws_max_messages_per_second,
+        settings.delivery_ws_heartbeat_seconds,
+    )
     try:
         body = await socket.receive(wait_s=settings.delivery_ws_auth_timeout_seconds)
         token = AuthIn.model_validate(body).token
@@ -396,12 +400,7 @@ async def partner_socket(ws: WebSocket) -> None:
             elif message.type == "ping":
                 socket.post("pong", PingOut(type="pong"))
 
-        await serve_socket(
-            socket,
-            resources().settings.delivery_ws_heartbeat_seconds,
-            handle,
-            lambda: live.forget(live.partners, partner.user_id, socket),
-        )
+        await serve_socket(socket, handle, lambda: live.forget(live.partners, partner.user_id, socket))
 
     await _guard(ws, run)
 
@@ -458,20 +457,7 @@ async def order_socket(ws: WebSocket, order_id: uuid.UUID) -> None:
                 "tracking", TrackingMsg(tracking=snapshot), then_close=CLOSE["finished"] if over else None
             )
 
-        async def handle(body: dict[str, Any]) -> None:
-            try:
-                message = PingIn.model_validate(body)
-            except ValidationError:
-                raise Closed("malformed") from None
-            if message.type == "ping":
-                socket.post("pong", PingOut(type="pong"))
-
-        await serve_socket(
-            socket,
-            resources().settings.delivery_ws_heartbeat_seconds,
-            handle,
-            lambda: live.forget(live.orders, order.id, socket),
-        )
+        await serve_socket(socket, socket.answer_pings, lambda: live.forget(live.orders, order.id, socket))
 
     await _guard(ws, run)
 
@@ -490,18 +476,7 @@ async def board_socket(ws: WebSocket, store_id: uuid.UUID) -> None:
         live = hub()
         live.watch_board(store_id, socket)
 
-        async def handle(body: dict[str, Any]) -> None:
-            try:
-                PingIn.model_validate(body)
-            except ValidationError:
-                raise Closed("malformed") from None
-
-        await serve_socket(
-            socket,
-            resources().settings.delivery_ws_heartbeat_seconds,
-            handle,
-            lambda: live.forget(live.boards, store_id, socket),
-        )
+        await serve_socket(socket, socket.answer_pings, lambda: live.forget(live.boards, store_id, socket))
 
     await _guard(ws, run)
 

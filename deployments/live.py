@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from actors import fleet
@@ -166,8 +166,9 @@ class Closed(Exception):
 class Socket:
     """One accepted socket: bounded reads (size, rate), a latest-only outbox, heartbeats."""
 
-    def __init__(self, ws: WebSocket, max_bytes: int, per_second: float) -> None:
+    def __init__(self, ws: WebSocket, max_bytes: int, per_second: float, heartbeat_s: float) -> None:
         self.ws = ws
+        self.heartbeat_s = heartbeat_s
         self.max_bytes = max_bytes
         self.per_second = per_second
         self._allowance = per_second * 2  # a short burst (a reconnect flushing its buffer)
@@ -209,10 +210,10 @@ class Socket:
     def holds(self, key: str) -> bool:
         return key in self._pending
 
-    async def sender(self, heartbeat_s: float) -> None:
+    async def sender(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), heartbeat_s)
+                await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
             self._wake.clear()
             pending, self._pending = self._pending, {}
             if not pending:
@@ -223,6 +224,15 @@ class Socket:
                 await self.close(self._close_after)
                 return
 
+    async def answer_pings(self, body: dict[str, Any]) -> None:
+        """What a watching socket may send: heartbeats (a `ping` is answered)."""
+        try:
+            message = PingIn.model_validate(body)
+        except ValidationError:
+            raise Closed("malformed") from None
+        if message.type == "ping":
+            self.post("pong", PingOut(type="pong"))
+
     async def close(self, code: int) -> None:
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
@@ -231,13 +241,12 @@ class Socket:
 
 async def serve_socket(
     socket: Socket,
-    heartbeat_s: float,
     handle: Callable[[dict[str, Any]], Awaitable[None]],
     on_close: Callable[[], None],
 ) -> None:
     """Read messages into `handle` while a sender task writes; close with the code a bound
     or a bad message calls for."""
-    sender = asyncio.create_task(socket.sender(heartbeat_s))
+    sender = asyncio.create_task(socket.sender())
     try:
         while True:
             receiving = asyncio.ensure_future(socket.receive())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy import DateTime, MetaData, func
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.errors import Unprocessable
+from models.errors import AppError, Unprocessable
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -72,6 +73,24 @@ def make_redis(url: str, *, max_connections: int = 64) -> Redis:
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+@asynccontextmanager
+async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """The boundary's transaction (a request, a socket message, an actor call): committed if
+    the block ends normally, rolled back if it raises, unless the error says the failure
+    itself must be recorded (`AppError.keep_changes`, e.g. a counted wrong code)."""
+    async with sessionmaker() as session:
+        try:
+            yield session
+        except AppError as exc:
+            await (session.commit() if exc.keep_changes else session.rollback())
+            raise
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()
 
 
 def patch_changes(patch: BaseModel, required: Collection[str] | None = None) -> dict[str, Any]:
