@@ -65,6 +65,7 @@ bench: bench-setup
 	$(BIN)/python -m tests.bench.search
 	$(BIN)/python -m tests.bench.seed
 	$(BIN)/python -m tests.bench.checkout
+	$(BIN)/python -m tests.bench.tracking
 
 clean:
 	rm -rf $(VENV) .vurksha .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -483,14 +483,17 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 
 
 def serve_builder(
-    api: FastAPI, name: str, mixin: type | None = None
+    api: FastAPI, name: str, mixin: type | None = None, **options: Any
 ) -> Callable[[dict[str, Any]], Application]:
     """The builder `serve.yaml` imports (`import_path: deployments.<name>:app`). `mixin` adds
     methods other deployments and actors call through handles (e.g. an outbox subscriber's
-    `consume`), and may start what the service needs in its `__init__`."""
+    `consume`), and may start what the service needs in its `__init__`; `options` override
+    the deployment defaults."""
     bases = (mixin, _Ingress) if mixin is not None else (_Ingress,)
     ingress_cls = type(f"{name.title().replace('_', '')}Ingress", bases, {"__doc__": api.description})
-    deployment = serve.deployment(name=name, **INGRESS_DEFAULTS)(serve.ingress(api)(ingress_cls))
+    deployment = serve.deployment(name=name, **{**INGRESS_DEFAULTS, **options})(
+        serve.ingress(api)(ingress_cls)
+    )
 
     def build(args: dict[str, Any] | None = None) -> Application:
         return deployment.bind()

@@ -506,4 +506,6 @@ class _Subscriber:
         return f"live view: {status}"
 
 
-app = serve_builder(api, "delivery", _Subscriber)
+# Every open WebSocket is an ongoing request for its whole life: a replica holds thousands of
+# mostly idle sockets (partners and watching customers), not 200 busy requests.
+app = serve_builder(api, "delivery", _Subscriber, max_ongoing_requests=10_000)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -100,6 +101,13 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     # Local shutdown need not wait Serve's 30 s production drain.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # HAProxy's connection cap (Ray's default 4096) must exceed the sockets the delivery
+    # replicas hold (a partner and a watching customer per order on the road), within the
+    # open-files limit HAProxy can raise itself to (about 2.5 descriptors a connection).
+    _, files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if files == resource.RLIM_INFINITY:
+        files = 1 << 20
+    os.environ.setdefault("RAY_SERVE_HAPROXY_MAXCONN", str(max(4096, min(16384, (files - 100) * 2 // 5))))
     # Token authentication is Ray 2.60's default for local clusters; saying so explicitly also
     # silences its warning on every start.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
