@@ -700,3 +700,80 @@ def test_the_dispatch_map_shows_partners_moving(live: Live, shop: Shop, ops: Ses
         assert browser.js(painted) is True
     finally:
         browser.close()
+
+
+# ---------------------------------------------------------------- crashes
+
+
+def test_a_shard_killed_mid_round_loses_and_doubles_nothing(live: Live, shop: Shop, ops: Session):
+    store = shop.store_a
+    partners = [partner_at(live, ops, store, km_north=0.2 + i / 10) for i in range(3)]
+    orders = [confirmed_order(live, shop)[1]["id"] for _ in range(4)]
+    for _ in range(3):  # rounds racing the kills
+        with ThreadPoolExecutor(2) as pool:
+            pool.submit(ops.request, "POST", f"/delivery/stores/{store['id']}/round")
+            pool.submit(kill_fleet, ops, store)
+
+    def settled() -> Any:
+        rows = live.sql(
+            "SELECT o.id, (SELECT count(*) FROM delivery_offers f WHERE f.status = 'open' AND o.id = ANY(f.order_ids)) AS open,"
+            " (SELECT count(*) FROM deliveries d WHERE d.order_id = o.id AND d.status <> 'cancelled') AS carried"
+            " FROM orders o WHERE o.id = ANY(CAST(:ids AS uuid[]))",
+            ids=orders,
+        )
+        return rows if all(r.open + r.carried == 1 for r in rows) and len(rows) == len(orders) else None
+
+    # Every order ends up offered or carried, exactly once; no partner holds two open offers.
+    def round_then_settled() -> Any:
+        ops.request("POST", f"/delivery/stores/{store['id']}/round")  # a restarting shard may say 503
+        return settled()
+
+    offered = wait_for(round_then_settled, 60, "every order offered once")
+    assert sum(r.open + r.carried for r in offered) == len(orders)
+    holders = live.sql(
+        "SELECT partner_id, count(*) AS n FROM delivery_offers WHERE status = 'open' AND partner_id = ANY(CAST(:p AS uuid[]))"
+        " GROUP BY partner_id",
+        p=[p.user_id for p in partners],
+    )
+    assert all(h.n == 1 for h in holders)
+    # The offers the database holds are the ones the partners see after the restarts.
+    for p in partners:
+        seen = ok(p.request("GET", "/delivery/partners/me/offers"))
+        mine = [h for h in holders if str(h.partner_id) == p.user_id]
+        assert len(seen) == len(mine)
+
+
+def test_tracking_clients_reconnect_after_a_replica_restart(live: Live, shop: Shop, ops: Session):
+    store = shop.store_a
+    partner = partner_at(live, ops, store)
+    user, placed, _ = confirmed_order(live, shop)
+    assert len(ok(partner.request("POST", f"/delivery/offers/{offer_for(partner)['id']}/accept"))) == 1
+    path, schema = f"/delivery/ws/orders/{placed['id']}", "/delivery/ws/orders/{order_id}"
+    watch = Client(live, path, schema)
+    watch.send({"type": "auth", "token": user.tokens["access_token"]})
+    assert watch.recv("tracking")["tracking"]["delivery_status"] == "assigned"
+
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA::delivery#" in a["name"]
+    ]
+    assert names
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    watch.closed_with(timeout=60)  # the socket went with its replica
+
+    def reconnected() -> Client | None:
+        try:
+            client = Client(live, path, schema)
+            client.send({"type": "auth", "token": user.tokens["access_token"]})
+            client.recv("tracking", timeout=10)
+            return client
+        except Exception:
+            return None
+
+    again = wait_for(reconnected, 90, "a new delivery replica")
+    move_to(partner, store["lat"] + 0.3 * KM_LAT, store["lng"])  # the live view survived
+    moved = again.recv("tracking")["tracking"]
+    assert moved["delivery_status"] == "assigned"
+    assert moved["position"]["lat"] == pytest.approx(store["lat"] + 0.3 * KM_LAT)
