@@ -65,6 +65,8 @@ def asyncpg_dsn(database_url: str) -> str:
 def summary(latencies: list[float], errors: int, elapsed: float) -> dict[str, float]:
     latencies.sort()
     n = len(latencies)
+    if not n:  # nothing came back: infinitely slow, not a crash of the bench
+        return {"requests": 0, "errors": errors, "rps": 0.0, "p50_ms": float("inf"), "p99_ms": float("inf")}
     return {
         "requests": n,
         "errors": errors,
