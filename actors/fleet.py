@@ -33,14 +33,14 @@ import ray
 from pydantic import BaseModel
 from ray.actor import ActorHandle
 from redis.asyncio import Redis
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from actors import call, named, shard_index
 from config.settings import Settings, get_settings
 from models import delivery, orders
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
-from models.delivery import ACTIVE_SQL, DISPATCHABLE, PartnerOut, StatusIn
+from models.delivery import DISPATCHABLE, PartnerOut, StatusIn
 from models.delivery_rules import (
     ACTIVE_DELIVERY,
     Candidate,
@@ -154,6 +154,11 @@ class LivePartner:
     offer_id: uuid.UUID | None = None
     trip: list[uuid.UUID] = field(default_factory=list)  # order ids, drop order
 
+    @classmethod
+    def of(cls, partner: delivery.Partner, name: str | None) -> LivePartner:
+        first_name = name.split()[0] if name and name.split() else None
+        return cls(partner.user_id, first_name, Vehicle(partner.vehicle), partner.online)
+
     @property
     def state(self) -> str:
         if self.trip:
@@ -176,6 +181,11 @@ class LiveOrder:
     delivery_status: str | None = None
     partner_id: uuid.UUID | None = None
     pin: str | None = None
+
+    @classmethod
+    def of(cls, order: orders.Order, queued_at_s: float) -> LiveOrder:
+        drop = order.delivery_address
+        return cls(order.id, order.user_id, LatLng(drop["lat"], drop["lng"]), queued_at_s, order.status)
 
 
 @dataclass
@@ -204,10 +214,6 @@ def _point(row: Sequence[Any]) -> GpsPoint:
 
 def _position(p: GpsPoint | None) -> PositionOut | None:
     return None if p is None else PositionOut(lat=p.lat, lng=p.lng, ts=p.ts_s, heading_deg=p.heading_deg)
-
-
-def _first_name(name: str | None) -> str | None:
-    return name.split()[0] if name and name.split() else None
 
 
 @ray.remote(num_cpus=0.05, max_restarts=-1, max_task_retries=0)
@@ -289,29 +295,16 @@ class FleetShard:
                 )
             )
             for p, name in partners.all():
-                store.partners[p.user_id] = LivePartner(
-                    p.user_id, _first_name(name), Vehicle(p.vehicle), p.online
-                )
-            carried = select(delivery.Delivery.id).where(
-                delivery.Delivery.order_id == orders.Order.id, text(f"deliveries.{ACTIVE_SQL}")
-            )
-            queued = await s.execute(
-                select(
-                    orders.Order.id,
-                    orders.Order.user_id,
-                    orders.Order.status,
-                    orders.Order.delivery_address,
-                    orders.Order.updated_at,
-                ).where(
+                store.partners[p.user_id] = LivePartner.of(p, name)
+            queued = await s.scalars(
+                select(orders.Order).where(
                     orders.Order.store_id == store_id,
                     orders.Order.status.in_(DISPATCHABLE),
-                    ~carried.exists(),
+                    ~delivery.ORDER_CARRIED,
                 )
             )
-            for oid, uid, status, address, updated in queued.all():
-                store.orders[oid] = LiveOrder(
-                    oid, uid, LatLng(address["lat"], address["lng"]), updated.timestamp(), status
-                )
+            for o in queued:
+                store.orders[o.id] = LiveOrder.of(o, o.updated_at.timestamp())
             for offer in await s.scalars(
                 select(delivery.DeliveryOffer).where(
                     delivery.DeliveryOffer.store_id == store_id, delivery.DeliveryOffer.status != "accepted"
@@ -321,7 +314,7 @@ class FleetShard:
             trips = await s.execute(
                 select(delivery.Delivery, orders.Order)
                 .join(orders.Order, orders.Order.id == delivery.Delivery.order_id)
-                .where(delivery.Delivery.store_id == store_id, text(f"deliveries.{ACTIVE_SQL}"))
+                .where(delivery.Delivery.store_id == store_id, delivery.ACTIVE)
                 .order_by(delivery.Delivery.created_at, delivery.Delivery.seq)
             )
             for d, o in trips.all():
@@ -362,13 +355,7 @@ class FleetShard:
                 partner.offer_id = offer.id
 
     def _remember_delivery(self, store: LiveStore, d: delivery.Delivery, o: orders.Order) -> None:
-        order = store.orders.get(o.id) or LiveOrder(
-            o.id,
-            o.user_id,
-            LatLng(o.delivery_address["lat"], o.delivery_address["lng"]),
-            time.time(),
-            o.status,
-        )
+        order = store.orders.get(o.id) or LiveOrder.of(o, time.time())
         store.orders[o.id] = order
         order.status, order.offer_id = o.status, None
         order.delivery_id, order.delivery_status, order.partner_id, order.pin = (
@@ -399,13 +386,7 @@ class FleetShard:
                 ).scalar_one_or_none()
                 if row is None:
                     return False
-                store.orders[order_id] = LiveOrder(
-                    order_id,
-                    row.user_id,
-                    LatLng(row.delivery_address["lat"], row.delivery_address["lng"]),
-                    time.time(),
-                    row.status,
-                )
+                store.orders[order_id] = LiveOrder.of(row, time.time())
         return True
 
     async def order_changed(self, store_id: uuid.UUID, order_id: uuid.UUID, status: str) -> None:
@@ -446,9 +427,7 @@ class FleetShard:
                 out = delivery.partner_out(partner_row)
             live = store.partners.get(partner_id)
             if live is None:
-                live = store.partners[partner_id] = LivePartner(
-                    partner_id, _first_name(name), out.vehicle, online
-                )
+                live = store.partners[partner_id] = LivePartner.of(partner_row, name)
             live.online = online
             if not online and live.offer_id is not None:
                 await self._publish(store, *await self._close_offers(store, [live.offer_id], "recalled"))
@@ -475,9 +454,7 @@ class FleetShard:
                     .where(delivery.Partner.user_id == partner_id)
                 )
             ).one()
-            store.partners[partner_id] = LivePartner(
-                partner_id, _first_name(row.name), Vehicle(row.Partner.vehicle), row.Partner.online
-            )
+            store.partners[partner_id] = LivePartner.of(row.Partner, row.name)
 
     async def answer(
         self, store_id: uuid.UUID, partner_id: uuid.UUID, offer_id: uuid.UUID, accept: bool

@@ -312,8 +312,7 @@ def hub() -> Hub:
     if _hub is None:
         settings = resources().settings
         assert settings.redis_url
-        _hub = Hub(settings.redis_url, settings.partner_position_coalesce_ms)
-        _hub.on_partner_event = _partner_event
+        _hub = Hub(settings.redis_url, settings.partner_position_coalesce_ms, _partner_event)
     _hub.start()
     return _hub
 

@@ -272,8 +272,15 @@ class Hub:
     """One per replica: the Redis subscription, the sockets by what they watch, and the
     position coalescer."""
 
-    def __init__(self, redis_url: str, coalesce_ms: int) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        coalesce_ms: int,
+        on_partner_event: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
         self.redis_url = redis_url
+        # A fleet event for a partner with a socket here (the service renders it).
+        self.on_partner_event = on_partner_event
         self.coalesce_s = coalesce_ms / 1000
         self.partners: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self.orders: dict[uuid.UUID, set[Socket]] = defaultdict(set)
@@ -281,7 +288,6 @@ class Hub:
         self._board_dirty: set[uuid.UUID] = set()
         self._positions: dict[uuid.UUID, PositionBatch] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.on_partner_event: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
     def start(self) -> None:
         if not self._tasks:
@@ -319,8 +325,7 @@ class Hub:
             for socket in list(self.orders.get(uuid.UUID(event["order_id"]), ())):
                 socket.post("tracking", message, then_close=CLOSE["finished"] if event.get("final") else None)
         elif "partner_id" in event and uuid.UUID(event["partner_id"]) in self.partners:
-            if self.on_partner_event is not None:
-                await self.on_partner_event(event)
+            await self.on_partner_event(event)
 
     def watch_board(self, store_id: uuid.UUID, socket: Socket) -> None:
         self.boards[store_id].add(socket)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Exists,
     ForeignKey,
     Identity,
     Index,
@@ -49,6 +50,7 @@ from models import orders
 from models.db import Base, new_id
 from models.delivery_rules import (
     ACTIVE_DELIVERY,
+    ActiveDelivery,
     DeliveryActor,
     DeliveryStatus,
     Vehicle,
@@ -57,6 +59,7 @@ from models.delivery_rules import (
 from models.errors import AppError, Conflict, Forbidden, NotFound, Unprocessable
 from models.orders import Order
 from models.payments import Payment, PaymentStatus
+from models.products import get_store
 from models.users import Role, User
 
 D = DeliveryStatus
@@ -153,6 +156,19 @@ class Delivery(Base):
     updated_at: Mapped[datetime]
     picked_up_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
+
+
+# The rule of `uq_deliveries_active_order`, as an expression for queries.
+ACTIVE = Delivery.status.in_(sorted(ACTIVE_DELIVERY))
+
+
+# Whether the order of the enclosing query (`orders`) is with a partner now.
+ORDER_CARRIED = select(Delivery.id).where(Delivery.order_id == Order.id, ACTIVE).exists()
+
+
+def carrying(partner_id: uuid.UUID) -> Exists:
+    """Whether the partner has an active delivery."""
+    return select(Delivery.id).where(Delivery.partner_id == partner_id, ACTIVE).exists()
 
 
 class DeliveryEvent(Base):
@@ -338,8 +354,6 @@ async def attach_partner(session: AsyncSession, data: PartnerIn, phone: str, now
     """Make the user with `phone` (created if new) a partner of `data.store_id`: role partner,
     a partners row (store and vehicle updated if it exists). Admins and ops are refused (a
     demotion goes through the roles API)."""
-    from models.products import get_store
-
     await get_store(session, data.store_id)
     user = await session.scalar(select(User).where(User.phone == phone).with_for_update())
     if user is None:
@@ -413,21 +427,13 @@ async def _busy(session: AsyncSession, partner_id: uuid.UUID) -> bool:
     offer = select(DeliveryOffer.id).where(
         DeliveryOffer.partner_id == partner_id, DeliveryOffer.status == "open"
     )
-    delivery = select(Delivery.id).where(Delivery.partner_id == partner_id, text(f"deliveries.{ACTIVE_SQL}"))
-    return bool(await session.scalar(select(offer.exists() | delivery.exists())))
-
-
-async def has_active_delivery(session: AsyncSession, partner_id: uuid.UUID) -> bool:
-    query = select(Delivery.id).where(Delivery.partner_id == partner_id, text(f"deliveries.{ACTIVE_SQL}"))
-    return bool(await session.scalar(select(query.exists())))
+    return bool(await session.scalar(select(offer.exists() | carrying(partner_id))))
 
 
 async def set_online(session: AsyncSession, partner: Partner, online: bool, now: datetime) -> Partner:
     """Go online or offline (a locked row). Offline is refused with an active delivery (409
     `active_delivery`); an open offer is recalled by the caller (the fleet shard)."""
-    from models.delivery_rules import ActiveDelivery
-
-    if not online and await has_active_delivery(session, partner.user_id):
+    if not online and await session.scalar(select(carrying(partner.user_id))):
         raise ActiveDelivery("A partner with an active delivery cannot go offline")
     partner.online = online
     if online:
@@ -506,9 +512,7 @@ async def create_offer(
         .where(
             Order.id.in_(order_ids),
             Order.status.in_(DISPATCHABLE),
-            ~select(Delivery.id)
-            .where(Delivery.order_id == Order.id, text(f"deliveries.{ACTIVE_SQL}"))
-            .exists(),
+            ~ORDER_CARRIED,
         )
     )
     if dispatchable != len(order_ids):
@@ -753,11 +757,7 @@ async def cancel_for_order(session: AsyncSession, order_id: uuid.UUID, now: date
     """The order was cancelled: its delivery, if still before pickup, is cancelled too (the
     partner is recalled). Idempotent: the outbox may deliver the event twice."""
     delivery = (
-        await session.scalars(
-            select(Delivery)
-            .where(Delivery.order_id == order_id, text(f"deliveries.{ACTIVE_SQL}"))
-            .with_for_update()
-        )
+        await session.scalars(select(Delivery).where(Delivery.order_id == order_id, ACTIVE).with_for_update())
     ).one_or_none()
     if delivery is None or D(delivery.status) not in (D.assigned, D.at_store):
         return None
@@ -782,7 +782,7 @@ async def partner_trip(session: AsyncSession, partner_id: uuid.UUID) -> list[Del
     """The partner's active deliveries in drop order, with what they need at each door."""
     rows = await session.execute(
         _delivery_rows()
-        .where(Delivery.partner_id == partner_id, text(f"deliveries.{ACTIVE_SQL}"))
+        .where(Delivery.partner_id == partner_id, ACTIVE)
         .order_by(Delivery.created_at, Delivery.seq)
     )
     return [delivery_out(d, o, p, name) for d, o, p, name in rows.all()]
