@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     sms_from: str = "VURKSHA"
     enable_dev_endpoints: bool | None = None
 
+    # Every HTTP request ends within this (504 `request_timeout`). WebSockets are not requests
+    # with an end: a tracking socket lives as long as its delivery.
+    http_request_timeout_seconds: float = Field(default=30, gt=0)
+
     # Generic API rate limits (fixed one-minute windows in Redis).
     rate_limit_per_ip_per_minute: int = Field(default=1200, ge=1)
     rate_limit_per_user_per_minute: int = Field(default=600, ge=1)

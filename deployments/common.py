@@ -117,7 +117,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": HTTPStatus(status).phrase,
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
-    for status in (400, 401, 403, 404, 409, 422, 429, 503)
+    for status in (400, 401, 403, 404, 409, 422, 429, 503, 504)
 }
 
 
@@ -230,6 +230,38 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class RequestTimeoutMiddleware:
+    """Every HTTP request ends within `http_request_timeout_seconds`: one that has sent nothing
+    yet gets a 504 `request_timeout` problem, one already streaming is cut. Serve's own
+    `request_timeout_s` stays off (serve.yaml): under direct ingress it also ends every
+    WebSocket at that age, and a partner's or a tracking socket lives for a whole delivery."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float | None = None) -> None:
+        self.app = app
+        self.timeout_s = timeout_s or get_settings().http_request_timeout_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        deadline = asyncio.timeout(self.timeout_s)
+        try:
+            async with deadline:
+                await self.app(scope, receive, send_noting_start)
+        except TimeoutError:
+            if started or not deadline.expired():
+                raise
+            detail = f"The request took longer than {self.timeout_s:g} s"
+            await problem(Request(scope), 504, "request_timeout", detail)(scope, receive, send)
 
 
 # ---------------------------------------------------------------- DB session
@@ -424,6 +456,7 @@ def create_api(
         version="0.1.0",
         responses=ERROR_RESPONSES,
     )
+    api.add_middleware(RequestTimeoutMiddleware)
     api.add_middleware(RequestIdMiddleware)
     api.add_exception_handler(AppError, _app_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
