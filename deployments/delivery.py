@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from actors import fleet
-from actors.fleet import Board, IngestAck, PositionBatch, Tracking
+from actors.fleet import Board, IngestAck, Tracking
 from actors.outbox import relay
 from deployments.common import (
     CurrentUser,
@@ -56,8 +57,10 @@ from models import delivery, orders, outbox, users
 from models.db import utcnow
 from models.delivery import DeliveryOut, OfferOut, PartnerIn, PartnerOut, ShiftIn, StatusIn
 from models.delivery_rules import DeliveryActor
-from models.errors import AppError, Unauthorized
+from models.errors import AppError, ServiceUnavailable, Unauthorized
 from models.users import Role, normalize_phone
+
+log = logging.getLogger("vurksha.delivery")
 
 api = create_api(
     "delivery",
@@ -164,8 +167,8 @@ async def positions(body: delivery.PositionsIn, principal: CurrentUser, db: Db) 
     position go to the trail only."""
     partner = await delivery.partner_for(db, principal.user)
     await db.commit()
-    batch = PositionBatch(store_id=partner.store_id, partner_id=partner.user_id, points=body.rows())
-    return (await fleet.ingest([batch]))[0]
+    batch = (str(partner.store_id), str(partner.user_id), body.rows())
+    return IngestAck.of((await fleet.ingest([batch]))[0])
 
 
 @api.get("/partners/me/offers", response_model=list[OfferOut], tags=["partner app"])
@@ -312,7 +315,12 @@ def hub() -> Hub:
     if _hub is None:
         settings = resources().settings
         assert settings.redis_url
-        _hub = Hub(settings.redis_url, settings.partner_position_coalesce_ms, _partner_event)
+        _hub = Hub(
+            settings.redis_url,
+            settings.partner_position_coalesce_ms,
+            settings.delivery_ws_heartbeat_seconds,
+            _partner_event,
+        )
     _hub.start()
     return _hub
 
@@ -322,12 +330,7 @@ async def _open(ws: WebSocket) -> tuple[Socket, Principal]:
     as `{"type": "auth", "token": ...}` within the auth timeout."""
     settings = resources().settings
     await ws.accept()
-    socket = Socket(
-        ws,
-        settings.delivery_ws_max_message_bytes,
-        settings.delivery_ws_max_messages_per_second,
-        settings.delivery_ws_heartbeat_seconds,
-    )
+    socket = Socket(ws, settings.delivery_ws_max_message_bytes, settings.delivery_ws_max_messages_per_second)
     try:
         body = await socket.receive(wait_s=settings.delivery_ws_auth_timeout_seconds)
         token = AuthIn.model_validate(body).token
@@ -348,6 +351,13 @@ async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
             await ws.close(exc.code)
     except WebSocketDisconnect:
         pass
+    except ServiceUnavailable:  # a fleet shard restarting: the client reconnects shortly
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE["unavailable"])
+    except Exception:  # a fault of ours: logged, and the client told to come back (1011)
+        log.exception("socket %s failed", ws.url.path)
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE["internal"])
 
 
 @api.websocket("/ws/partner")
@@ -384,7 +394,7 @@ async def partner_socket(ws: WebSocket) -> None:
             except ValidationError:
                 raise Closed("malformed") from None
             if isinstance(message, PositionMsg):
-                live.position(partner.store_id, partner.user_id, message)
+                live.position(partner.store_id, partner.user_id, message.row())
             elif isinstance(message, AnswerIn):
                 try:
                     await fleet.on_fleet(
