@@ -11,7 +11,10 @@ queued orders are offered again after a crash.
 
 Every change a socket must see goes out on one Redis pub/sub channel (`EVENTS`): the
 delivery replicas subscribe once and fan out to the sockets they hold. Replicas batch
-positions (`partner_position_coalesce_ms`) and make one call per shard per batch.
+positions (`partner_position_coalesce_ms`) and make one call per shard per batch. On that hot
+path nothing crosses a process as a pydantic model: positions go in and acks come back as
+plain tuples, and a tracking event is published as the socket message itself, serialized once
+here (`tracking_wire`), which every replica forwards as it is.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from actors import call, named, shard_index
+from actors import call, named, shard_index, steady_gc
 from config.settings import Settings, get_settings
 from models import delivery, orders
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
-from models.delivery import DISPATCHABLE, PartnerOut, StatusIn
+from models.delivery import DISPATCHABLE, PartnerOut, PositionRow, StatusIn
 from models.delivery_rules import (
     ACTIVE_DELIVERY,
     Candidate,
@@ -69,19 +72,23 @@ def shard_name(index: int) -> str:
 
 
 def positions_key(store_id: uuid.UUID) -> str:
-    return f"fleet:positions:{store_id}"
+    """A store's partners' latest positions (a hash: partner id -> row)."""
+    return f"fleet:latest:{store_id}"
+
+
+def trail_key(partner_id: uuid.UUID | str) -> str:
+    """A partner's trail (a list of rows, appended as points come, trimmed to its length)."""
+    return f"fleet:trail:{partner_id}"
 
 
 # ---------------------------------------------------------------- what crosses the actor boundary
 
 
-class PositionBatch(BaseModel):
-    """A partner's points, as a replica received them (socket or REST)."""
-
-    store_id: uuid.UUID
-    partner_id: uuid.UUID
-    points: list[tuple[float, float, float, float | None, float | None, float | None, float | None]]
-    # (lat, lng, ts_s, accuracy_m, speed_mps, heading_deg, battery_pct)
+# A partner's points as a replica received them (socket or REST): (store id, partner id,
+# [(lat, lng, ts_s, accuracy_m, speed_mps, heading_deg, battery_pct), ...]).
+PositionBatch = tuple[str, str, list[PositionRow]]
+# What became of them: (partner id, accepted, late, dropped by reason).
+Ack = tuple[str, int, int, dict[str, int]]
 
 
 class IngestAck(BaseModel):
@@ -89,6 +96,11 @@ class IngestAck(BaseModel):
     accepted: int
     late: int
     dropped: dict[str, int]
+
+    @classmethod
+    def of(cls, ack: Ack) -> IngestAck:
+        partner_id, accepted, late, dropped = ack
+        return cls(partner_id=uuid.UUID(partner_id), accepted=accepted, late=late, dropped=dropped)
 
 
 class PositionOut(BaseModel):
@@ -151,6 +163,7 @@ class LivePartner:
     online: bool
     latest: GpsPoint | None = None
     trail: tuple[GpsPoint, ...] = ()
+    unsaved: list[GpsPoint] = field(default_factory=list)  # trail points not yet in Redis
     offer_id: uuid.UUID | None = None
     trip: list[uuid.UUID] = field(default_factory=list)  # order ids, drop order
 
@@ -227,6 +240,8 @@ class FleetShard:
         self._redis: Redis | None = None
         self.dropped: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
+        self._outgoing: list[str] = []
+        self._has_outgoing = asyncio.Event()
 
     # ------------------------------------------------------------ resources
 
@@ -247,23 +262,41 @@ class FleetShard:
         """One transaction per actor call, like a request (a counted wrong PIN still commits)."""
         return transaction(self._db())
 
-    async def _publish(self, store: LiveStore, *events: dict[str, Any]) -> None:
-        """Tell the delivery replicas (one Redis channel; each keeps what its sockets watch)."""
-        await self._send([{**event, "store_id": store.id} for event in events])
+    def _publish(self, store: LiveStore, *events: dict[str, Any] | str) -> None:
+        """Tell the delivery replicas (one Redis channel; each keeps what its sockets watch):
+        events as JSON with their store, tracking events already on the wire. Queued, and sent
+        in order by one task (`_publisher`): a caller does not wait for Redis, and a late
+        position never overtakes the delivery's final event."""
+        for event in events:
+            if isinstance(event, dict):
+                event = json.dumps({**event, "store_id": store.id}, default=str)
+            self._outgoing.append(event)
+        if self._outgoing:
+            self._has_outgoing.set()
 
-    async def _send(self, events: list[dict[str, Any]]) -> None:
-        if not events:
-            return
-        async with self._kv().pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.publish(EVENTS, json.dumps(event, default=str))
-            await pipe.execute()
+    async def _publisher(self) -> None:
+        while True:
+            await self._has_outgoing.wait()
+            self._has_outgoing.clear()
+            events, self._outgoing = self._outgoing, []
+            try:
+                async with self._kv().pipeline(transaction=False) as pipe:
+                    for event in events:
+                        pipe.publish(EVENTS, event)
+                    await pipe.execute()
+            except Exception:  # Redis briefly away: sockets see the next change (or resync)
+                log.warning("fleet shard %d: %d live events lost", self.index, len(events), exc_info=True)
 
     def _start(self) -> None:
         """The background loops, started by the first call (an actor's __init__ has no loop)."""
         if not self._tasks:
+            steady_gc()
             loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._rounds()), loop.create_task(self._flush_positions())]
+            self._tasks = [
+                loop.create_task(self._rounds()),
+                loop.create_task(self._flush_positions()),
+                loop.create_task(self._publisher()),
+            ]
 
     # ------------------------------------------------------------ loading a store
 
@@ -319,13 +352,20 @@ class FleetShard:
             )
             for d, o in trips.all():
                 self._remember_delivery(store, d, o)
-        raw = await self._kv().hgetall(positions_key(store_id))
-        for pid, blob in raw.items():
-            partner = store.partners.get(uuid.UUID(str(pid)))
-            if partner is not None:
-                saved = json.loads(blob)
-                partner.latest = _point(saved["latest"])
-                partner.trail = tuple(_point(p) for p in saved["trail"])
+        latest = {
+            pid: saved
+            for pid, saved in (await self._kv().hgetall(positions_key(store_id))).items()
+            if uuid.UUID(str(pid)) in store.partners
+        }
+        async with self._kv().pipeline(transaction=False) as pipe:
+            for pid in latest:
+                pipe.lrange(trail_key(str(pid)), 0, -1)
+            trails = await pipe.execute()
+        for (pid, saved), trail in zip(latest.items(), trails, strict=True):
+            partner = store.partners[uuid.UUID(str(pid))]
+            partner.latest = _point(json.loads(saved))
+            points = [_point(json.loads(p)) for p in trail]
+            partner.trail = append_trail((), points, max_len=self.settings.partner_trail_length)
         log.info(
             "fleet shard %d loaded store %s: %d partners, %d orders, %d open offers",
             self.index,
@@ -399,9 +439,9 @@ class FleetShard:
                 return
             order.status = status
             if status != orders.Status.cancelled:
-                await self._publish_tracking(store, order)
+                self._publish_tracking(store, order)
                 return
-            events: list[dict[str, Any]] = []
+            events: list[dict[str, Any] | str] = []
             if order.offer_id is not None:
                 events += await self._close_offers(store, [order.offer_id], "recalled")
             async with self._tx() as s:
@@ -413,7 +453,7 @@ class FleetShard:
                     events.append({"type": "trip", "partner_id": cancelled.partner_id})
             store.orders.pop(order_id, None)
             events.append(self._tracking_event(store, order, final=True))
-            await self._publish(store, *events)
+            self._publish(store, *events)
 
     async def shift(self, store_id: uuid.UUID, partner_id: uuid.UUID, online: bool) -> PartnerOut:
         """The partner goes online or offline (refused with an active delivery); offline
@@ -430,7 +470,7 @@ class FleetShard:
                 live = store.partners[partner_id] = LivePartner.of(partner_row, name)
             live.online = online
             if not online and live.offer_id is not None:
-                await self._publish(store, *await self._close_offers(store, [live.offer_id], "recalled"))
+                self._publish(store, *await self._close_offers(store, [live.offer_id], "recalled"))
             return out
 
     async def suspended(self, store_id: uuid.UUID, partner_id: uuid.UUID) -> None:
@@ -442,7 +482,7 @@ class FleetShard:
             events = [{"type": "kick", "partner_id": partner_id, "reason": "suspended"}]
             if live is not None and live.offer_id is not None:
                 events = await self._close_offers(store, [live.offer_id], "recalled") + events
-            await self._publish(store, *events)
+            self._publish(store, *events)
 
     async def reinstated(self, store_id: uuid.UUID, partner_id: uuid.UUID) -> None:
         store = await self._store(store_id)
@@ -489,9 +529,9 @@ class FleetShard:
                         order.excluded.add(partner_id)
             for d in deliveries:
                 self._remember_delivery(store, d, rows[d.order_id])
-            events: list[dict[str, Any]] = [{"type": "trip", "partner_id": partner_id}]
+            events: list[dict[str, Any] | str] = [{"type": "trip", "partner_id": partner_id}]
             events += [self._tracking_event(store, store.orders[d.order_id]) for d in deliveries]
-            await self._publish(store, *events)
+            self._publish(store, *events)
 
     async def advance(
         self,
@@ -513,40 +553,33 @@ class FleetShard:
             self._remember_delivery(store, d, order)
             live = store.orders[order.id]
             ended = DeliveryStatus(d.status) not in ACTIVE_DELIVERY
-            events = [self._tracking_event(store, live, final=ended)]
+            events: list[dict[str, Any] | str] = [self._tracking_event(store, live, final=ended)]
             if ended:
                 store.orders.pop(order.id, None)
                 partner = store.partners.get(d.partner_id)
                 if partner is not None and order.id in partner.trip:
                     partner.trip.remove(order.id)
                 events.append({"type": "trip", "partner_id": d.partner_id})
-            await self._publish(store, *events)
+            self._publish(store, *events)
             return out
 
     # ------------------------------------------------------------ positions
 
-    async def ingest(self, batches: list[PositionBatch]) -> list[IngestAck]:
+    async def ingest(self, batches: list[PositionBatch]) -> list[Ack]:
         """Points from a replica's coalescing window, several partners at once: filtered
         (Traccar's rules), the latest kept as the live position, the rest on the trail; the
         customers of the partner's trip see the new position and ETA."""
         now_s = time.time()
-        acks, events = [], []
-        moved_stores: set[uuid.UUID] = set()
-        for batch in batches:
-            store = await self._store(batch.store_id)
-            partner = store.partners.get(batch.partner_id)
+        acks: list[Ack] = []
+        events: dict[uuid.UUID, list[dict[str, Any] | str]] = {}
+        for store_id, partner_id, points in batches:
+            store = await self._store(uuid.UUID(store_id))
+            partner = store.partners.get(uuid.UUID(partner_id))
             if partner is None:
-                acks.append(
-                    IngestAck(
-                        partner_id=batch.partner_id,
-                        accepted=0,
-                        late=0,
-                        dropped={"unknown_partner": len(batch.points)},
-                    )
-                )
+                acks.append((partner_id, 0, 0, {"unknown_partner": len(points)}))
                 continue
             result = filter_positions(
-                [_point(p) for p in batch.points], latest=partner.latest, now_s=now_s, settings=self.settings
+                [_point(p) for p in points], latest=partner.latest, now_s=now_s, settings=self.settings
             )
             partner.latest = result.latest
             partner.trail = append_trail(
@@ -555,20 +588,16 @@ class FleetShard:
             dropped = {str(reason): n for reason, n in result.dropped.items() if n}
             self.dropped.update(dropped)
             if result.kept:
+                partner.unsaved += result.kept
                 store.dirty_positions.add(partner.id)
-                moved_stores.add(store.id)
-            if result.moved:
-                events += [
-                    {**self._tracking_event(store, store.orders[oid]), "store_id": store.id}
-                    for oid in partner.trip
-                    if oid in store.orders
-                ]
-            acks.append(
-                IngestAck(partner_id=partner.id, accepted=len(result.kept), late=result.late, dropped=dropped)
-            )
-        # Boards redraw on any event of their store: say which stores' partners moved.
-        events += [{"type": "positions", "store_id": store_id} for store_id in moved_stores]
-        await self._send(events)
+                # Boards redraw on any event of their store: say that its partners moved.
+                moved = events.setdefault(store.id, [{"type": "positions"}])
+                if result.moved:
+                    trip = [store.orders[oid] for oid in partner.trip if oid in store.orders]
+                    moved += [self._tracking_event(store, order) for order in trip]
+            acks.append((partner_id, len(result.kept), result.late, dropped))
+        for moved_store, store_events in events.items():
+            self._publish(self._stores[moved_store], *store_events)
         return acks
 
     async def _flush_positions(self) -> None:
@@ -580,16 +609,21 @@ class FleetShard:
                 if not store.dirty_positions:
                     continue
                 dirty, store.dirty_positions = store.dirty_positions, set()
-                blobs: dict[Any, Any] = {}
-                for pid in dirty:
-                    p = store.partners.get(pid)
-                    if p is not None and p.latest is not None:
-                        blobs[str(pid)] = json.dumps(
-                            {"latest": _row(p.latest), "trail": [_row(q) for q in p.trail]}
-                        )
+                keep = self.settings.partner_trail_length
+                saving = [p for pid in dirty if (p := store.partners.get(pid)) is not None and p.latest]
                 try:
-                    if blobs:
-                        await self._kv().hset(positions_key(store.id), mapping=blobs)
+                    async with self._kv().pipeline(transaction=False) as pipe:
+                        pipe.hset(
+                            positions_key(store.id),
+                            mapping={str(p.id): json.dumps(_row(p.latest)) for p in saving if p.latest},
+                        )
+                        for p in saving:
+                            if p.unsaved:
+                                pipe.rpush(trail_key(p.id), *(json.dumps(_row(q)) for q in p.unsaved[-keep:]))
+                                pipe.ltrim(trail_key(p.id), -keep, -1)
+                        await pipe.execute()
+                    for p in saving:
+                        p.unsaved.clear()
                 except Exception:  # Redis briefly away: try again next time
                     store.dirty_positions |= dirty
                     log.warning("fleet shard %d: saving positions failed", self.index, exc_info=True)
@@ -628,17 +662,11 @@ class FleetShard:
                 tracking.eta_s = int(etas[-1]) if etas else None
         return tracking
 
-    def _tracking_event(self, store: LiveStore, order: LiveOrder, final: bool = False) -> dict[str, Any]:
-        return {
-            "type": "tracking",
-            "order_id": order.id,
-            "user_id": order.user_id,
-            "final": final,
-            "snapshot": self._tracking(store, order).model_dump(mode="json"),
-        }
+    def _tracking_event(self, store: LiveStore, order: LiveOrder, final: bool = False) -> str:
+        return tracking_wire(store.id, order.id, final, self._tracking(store, order))
 
-    async def _publish_tracking(self, store: LiveStore, order: LiveOrder) -> None:
-        await self._publish(store, self._tracking_event(store, order))
+    def _publish_tracking(self, store: LiveStore, order: LiveOrder) -> None:
+        self._publish(store, self._tracking_event(store, order))
 
     async def tracking(self, store_id: uuid.UUID, order_id: uuid.UUID, order_status: str) -> Tracking:
         """The live tracking snapshot of an order (the caller checked it is the customer's)."""
@@ -758,7 +786,7 @@ class FleetShard:
                     "pickup_eta_s": int(offer.cost_s),
                 }
             )
-        await self._publish(store, *events)
+        self._publish(store, *events)
         return made
 
     async def _close_offers(
@@ -812,6 +840,20 @@ class FleetShard:
         }
 
 
+def tracking_wire(store_id: uuid.UUID, order_id: uuid.UUID, final: bool, tracking: Tracking) -> str:
+    """A tracking event as published: a header line the replicas route by (`read_tracking`),
+    then the customer socket's message (`TrackingMsg` in `deployments.live`)."""
+    message = f'{{"type":"tracking","tracking":{tracking.model_dump_json()}}}'
+    return f"tracking {order_id} {store_id} {int(final)}\n{message}"
+
+
+def read_tracking(data: str) -> tuple[uuid.UUID, uuid.UUID, bool, str]:
+    """(order id, store id, final, the socket message) of a published tracking event."""
+    head, message = data.split("\n", 1)
+    _, order_id, store_id, final = head.split(" ")
+    return uuid.UUID(order_id), uuid.UUID(store_id), final == "1", message
+
+
 def _row(p: GpsPoint) -> list[float | None]:
     return [p.lat, p.lng, p.ts_s, p.accuracy_m, p.speed_mps, p.heading_deg, p.battery_pct]
 
@@ -835,12 +877,12 @@ async def shard_for(store_id: uuid.UUID) -> ActorHandle:
     return handles[shard_index(store_id, len(handles))]
 
 
-async def ingest(batches: list[PositionBatch]) -> list[IngestAck]:
+async def ingest(batches: list[PositionBatch]) -> list[Ack]:
     """Hand a replica's coalesced positions to their shards: one call per shard."""
     handles = _shards if _shards is not None else await asyncio.to_thread(fleet_shards)
     by_shard: dict[int, list[PositionBatch]] = {}
     for batch in batches:
-        by_shard.setdefault(shard_index(batch.store_id, len(handles)), []).append(batch)
+        by_shard.setdefault(shard_index(uuid.UUID(batch[0]), len(handles)), []).append(batch)
     replies = await asyncio.gather(
         *(
             call(

@@ -1,13 +1,15 @@
 """The delivery replica's live side: the WebSocket message schemas (also written to
 `websockets.schema.json`, since OpenAPI does not cover sockets), the per-replica hub that
 subscribes once to the fleet's Redis channel and fans changes out to the sockets this replica
-holds (latest state only per socket), and the coalescer that turns many partners' position
-messages into one fleet call per shard every `partner_position_coalesce_ms`.
+holds (latest state only per socket; tracking messages arrive serialized and are forwarded as
+they are), the coalescer that turns many partners' position messages into one fleet call per
+shard every `partner_position_coalesce_ms`, and one heartbeat for all its sockets.
 
 Close codes (application range): 4400 malformed message, 4401 not authenticated (bad or
 expired token, or no auth message within `delivery_ws_auth_timeout_seconds`), 4403 not
 allowed (not a partner, suspended), 4404 no such order (also someone else's), 4413 message
-too large, 4429 too many messages (a flood is closed, not queued), 1000 tracking finished.
+too large, 4429 too many messages (a flood is closed, not queued), 1000 tracking finished,
+1011 a fault on the server, 1013 briefly unavailable (both: reconnect).
 """
 
 from __future__ import annotations
@@ -25,11 +27,33 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from actors import fleet
-from actors.fleet import Board, PositionBatch, Tracking
-from models.delivery import DeliveryOut, OfferOut, PartnerOut, PositionIn
+from actors import fleet, steady_gc
+from actors.fleet import Board, PositionBatch, Tracking, read_tracking
+from models.delivery import DeliveryOut, OfferOut, PartnerOut, PositionIn, PositionRow
 
 log = logging.getLogger("vurksha.live")
+
+
+def _without_compression() -> None:
+    """Serve starts each replica's uvicorn itself, with no way to pass WebSocket options, and
+    uvicorn negotiates permessage-deflate by default. Our messages are a few hundred bytes of
+    JSON: compressing them costs CPU on both ends and a zlib context per socket, for little.
+    So this replica's uvicorn declines the extension (clients fall back to plain frames)."""
+    import uvicorn
+
+    init = uvicorn.Config.__init__
+    if getattr(init, "vurksha", False):
+        return
+
+    def config(self: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("ws_per_message_deflate", False)
+        init(self, *args, **kwargs)
+
+    config.vurksha = True  # type: ignore[attr-defined]
+    uvicorn.Config.__init__ = config  # type: ignore[method-assign]
+
+
+_without_compression()
 
 CLOSE = {
     "malformed": 4400,
@@ -39,6 +63,8 @@ CLOSE = {
     "too_large": 4413,
     "flood": 4429,
     "finished": 1000,
+    "internal": 1011,
+    "unavailable": 1013,
 }
 
 # ---------------------------------------------------------------- messages
@@ -115,6 +141,8 @@ class BoardMsg(Message):
     board: Board
 
 
+PING = PingOut(type="ping")
+
 PartnerOutMsg = ReadyOut | OfferMsg | OfferClosedMsg | TripMsg | ErrorMsg | PingOut
 CustomerOutMsg = TrackingMsg | PingOut
 BoardOutMsg = BoardMsg | PingOut
@@ -164,19 +192,20 @@ class Closed(Exception):
 
 
 class Socket:
-    """One accepted socket: bounded reads (size, rate), a latest-only outbox, heartbeats."""
+    """One accepted socket: bounded reads (size, rate) and a latest-only outbox. Messages are
+    models, or text already serialized (tracking events, as the fleet published them)."""
 
-    def __init__(self, ws: WebSocket, max_bytes: int, per_second: float, heartbeat_s: float) -> None:
+    def __init__(self, ws: WebSocket, max_bytes: int, per_second: float) -> None:
         self.ws = ws
-        self.heartbeat_s = heartbeat_s
         self.max_bytes = max_bytes
         self.per_second = per_second
         self._allowance = per_second * 2  # a short burst (a reconnect flushing its buffer)
         self._checked = time.monotonic()
         # Keyed by what the message replaces: a slow consumer gets the latest of each.
-        self._pending: dict[str, BaseModel] = {}
+        self._pending: dict[str, BaseModel | str] = {}
         self._wake = asyncio.Event()
         self._close_after: int | None = None
+        self.last_sent = time.monotonic()
 
     async def receive(self, wait_s: float | None = None) -> dict[str, Any]:
         message = await asyncio.wait_for(self.ws.receive(), wait_s)
@@ -199,7 +228,7 @@ class Socket:
             raise Closed("malformed")
         return body
 
-    def post(self, key: str, message: BaseModel, *, then_close: int | None = None) -> None:
+    def post(self, key: str, message: BaseModel | str, *, then_close: int | None = None) -> None:
         """Queue for sending; replaces an unsent message with the same key. `then_close`:
         close the socket with this code once it is sent."""
         self._pending[key] = message
@@ -212,14 +241,12 @@ class Socket:
 
     async def sender(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+            await self._wake.wait()
             self._wake.clear()
             pending, self._pending = self._pending, {}
-            if not pending:
-                pending = {"ping": PingOut(type="ping")}
             for message in pending.values():
-                await self.ws.send_text(message.model_dump_json())
+                await self.ws.send_text(message if isinstance(message, str) else message.model_dump_json())
+            self.last_sent = time.monotonic()
             if self._close_after is not None:
                 await self.close(self._close_after)
                 return
@@ -245,27 +272,38 @@ async def serve_socket(
     on_close: Callable[[], None],
 ) -> None:
     """Read messages into `handle` while a sender task writes; close with the code a bound
-    or a bad message calls for."""
+    or a bad message calls for. A sender that ends (it closed the socket, or the socket
+    broke) ends the reading too."""
+    reader = asyncio.current_task()
+    assert reader is not None
+    reading = True
+
+    def sender_ended(_: asyncio.Task[None]) -> None:
+        if reading:
+            reader.cancel()
+
     sender = asyncio.create_task(socket.sender())
+    sender.add_done_callback(sender_ended)
     try:
         while True:
-            receiving = asyncio.ensure_future(socket.receive())
-            done, _ = await asyncio.wait({receiving, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if sender in done:
-                receiving.cancel()
-                sender.result()  # raises what ended it (a closed socket)
-                return
-            await handle(receiving.result())
+            await handle(await socket.receive())
     except Closed as exc:
         await socket.close(exc.code)
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         pass
+    except asyncio.CancelledError:
+        if not sender.done():
+            raise  # cancelled from outside (the replica stopping), not by the sender
+        reader.uncancel()
     finally:
+        reading = False
         sender.cancel()
         on_close()
 
 
 # ---------------------------------------------------------------- the replica's hub
+
+MAX_INGESTS_IN_FLIGHT = 4
 
 
 class Hub:
@@ -276,25 +314,29 @@ class Hub:
         self,
         redis_url: str,
         coalesce_ms: int,
+        heartbeat_s: float,
         on_partner_event: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
         self.redis_url = redis_url
         # A fleet event for a partner with a socket here (the service renders it).
         self.on_partner_event = on_partner_event
         self.coalesce_s = coalesce_ms / 1000
+        self.heartbeat_s = heartbeat_s
         self.partners: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self.orders: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self.boards: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self._board_dirty: set[uuid.UUID] = set()
-        self._positions: dict[uuid.UUID, PositionBatch] = {}
+        self._positions: dict[uuid.UUID, PositionBatch] = {}  # by partner
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         if not self._tasks:
+            steady_gc()
             self._tasks = [
                 asyncio.create_task(self._listen()),
                 asyncio.create_task(self._flush_positions()),
                 asyncio.create_task(self._boards()),
+                asyncio.create_task(self._heartbeats()),
             ]
 
     async def _listen(self) -> None:
@@ -307,7 +349,7 @@ class Hub:
                     await pubsub.subscribe(fleet.EVENTS)
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            await self._dispatch(json.loads(message["data"]))
+                            await self._dispatch(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis restarting: resubscribe; clients keep their snapshots
@@ -316,16 +358,28 @@ class Hub:
             finally:
                 await redis.aclose()
 
-    async def _dispatch(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if "store_id" in event:
-            self._board_dirty.add(uuid.UUID(event["store_id"]))
-        if kind == "tracking":
-            message = TrackingMsg(tracking=Tracking.model_validate(event["snapshot"]))
-            for socket in list(self.orders.get(uuid.UUID(event["order_id"]), ())):
-                socket.post("tracking", message, then_close=CLOSE["finished"] if event.get("final") else None)
-        elif "partner_id" in event and uuid.UUID(event["partner_id"]) in self.partners:
+    async def _dispatch(self, data: str) -> None:
+        if data.startswith("tracking "):  # the hot path: forwarded as published
+            order_id, store_id, final, message = read_tracking(data)
+            self._board_dirty.add(store_id)
+            for socket in list(self.orders.get(order_id, ())):
+                socket.post("tracking", message, then_close=CLOSE["finished"] if final else None)
+            return
+        event = json.loads(data)
+        self._board_dirty.add(uuid.UUID(event["store_id"]))
+        if "partner_id" in event and uuid.UUID(event["partner_id"]) in self.partners:
             await self.on_partner_event(event)
+
+    async def _heartbeats(self) -> None:
+        """One timer for every socket here: a `ping` to each that sent nothing for a while."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s / 3)
+            quiet = time.monotonic() - self.heartbeat_s
+            for registry in (self.partners, self.orders, self.boards):
+                for sockets in list(registry.values()):
+                    for socket in sockets:
+                        if socket.last_sent < quiet and not socket.holds("ping"):
+                            socket.post("ping", PING)
 
     def watch_board(self, store_id: uuid.UUID, socket: Socket) -> None:
         self.boards[store_id].add(socket)
@@ -348,26 +402,30 @@ class Hub:
                 for socket in list(sockets):
                     socket.post("board", BoardMsg(board=board))
 
-    def position(self, store_id: uuid.UUID, partner_id: uuid.UUID, point: PositionIn) -> None:
+    def position(self, store_id: uuid.UUID, partner_id: uuid.UUID, point: PositionRow) -> None:
         batch = self._positions.get(partner_id)
         if batch is None:
-            batch = self._positions[partner_id] = PositionBatch(
-                store_id=store_id, partner_id=partner_id, points=[]
-            )
-        batch.points.append(point.row())
+            batch = self._positions[partner_id] = (str(store_id), str(partner_id), [])
+        batch[2].append(point)
 
     async def _flush_positions(self) -> None:
+        """Every window, the positions gathered so far go to their shards, without waiting for
+        the previous window's call (a few at most in flight: beyond that, windows merge)."""
+        in_flight: set[asyncio.Task[None]] = set()
         while True:
             await asyncio.sleep(self.coalesce_s)
-            if not self._positions:
+            if not self._positions or len(in_flight) >= MAX_INGESTS_IN_FLIGHT:
                 continue
             batches, self._positions = list(self._positions.values()), {}
-            try:
-                await fleet.ingest(batches)
-            except Exception:
-                log.warning(
-                    "positions of %d partners not delivered to the fleet", len(batches), exc_info=True
-                )
+            task = asyncio.create_task(self._ingest(batches))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+    async def _ingest(self, batches: list[PositionBatch]) -> None:
+        try:
+            await fleet.ingest(batches)
+        except Exception:
+            log.warning("positions of %d partners not delivered to the fleet", len(batches), exc_info=True)
 
     def forget(self, registry: dict[uuid.UUID, set[Socket]], key: uuid.UUID, socket: Socket) -> None:
         sockets = registry.get(key)

@@ -242,6 +242,10 @@ class ShiftIn(Strict):
     online: bool
 
 
+# (lat, lng, ts_s, accuracy_m, speed_mps, heading_deg, battery_pct): a fix as it travels.
+PositionRow = tuple[float, float, float, float | None, float | None, float | None, float | None]
+
+
 class PositionIn(Strict):
     """One GPS fix as the partner's phone reports it (`ts`: device time, seconds since the
     epoch). Numbers must be JSON numbers; the ingest filter judges the values."""
@@ -254,16 +258,14 @@ class PositionIn(Strict):
     heading: float | None = Field(default=None, strict=True)
     battery: float | None = Field(default=None, strict=True)
 
-    def row(self) -> tuple[float, float, float, float | None, float | None, float | None, float | None]:
+    def row(self) -> PositionRow:
         return (self.lat, self.lng, self.ts, self.accuracy_m, self.speed_mps, self.heading, self.battery)
 
 
 class PositionsIn(Strict):
     points: list[PositionIn] = Field(min_length=1, max_length=100)
 
-    def rows(
-        self,
-    ) -> list[tuple[float, float, float, float | None, float | None, float | None, float | None]]:
+    def rows(self) -> list[PositionRow]:
         return [p.row() for p in self.points]
 
 

@@ -418,6 +418,12 @@ def append_trail(
     A point whose device time is already in the trail is ignored: a retried REST batch
     resends points that were kept the first time.
     """
+    kept = sorted(kept, key=lambda p: p.ts_s)
+    if not kept:
+        return tuple(trail[-max_len:])
+    if not trail or kept[0].ts_s > trail[-1].ts_s:  # the usual case: newer points, in order
+        newer = [p for i, p in enumerate(kept) if i == 0 or p.ts_s != kept[i - 1].ts_s]
+        return (tuple(trail) + tuple(newer))[-max_len:]
     by_ts = {p.ts_s: p for p in kept}
     by_ts.update((p.ts_s, p) for p in trail)
     return tuple(sorted(by_ts.values(), key=lambda p: p.ts_s)[-max_len:])

@@ -542,6 +542,8 @@ def test_partner_and_customer_sockets_carry_a_delivery(live: Live, shop: Shop, o
     app.send({"type": "auth", "token": partner.tokens["access_token"]})
     ready = app.recv("ready")
     assert ready["partner"]["user_id"] == partner.user_id and ready["offers"] == [] and ready["trip"] == []
+    # The client offered permessage-deflate (the library's default); the replica declines it.
+    assert "Sec-WebSocket-Extensions" not in app.ws.response.headers
 
     user, placed, _ = confirmed_order(live, shop)
     watch = Client(live, f"/delivery/ws/orders/{placed['id']}", "/delivery/ws/orders/{order_id}")
@@ -723,9 +725,14 @@ def test_a_shard_killed_mid_round_loses_and_doubles_nothing(live: Live, shop: Sh
         )
         return rows if all(r.open + r.carried == 1 for r in rows) and len(rows) == len(orders) else None
 
+    # Partners keep streaming (their positions must be fresh to be offered anything).
+    for i, partner in enumerate(partners):
+        move_to(partner, store["lat"] + (0.2 + i / 10) * KM_LAT, store["lng"] + 0.0001)
+
     # Every order ends up offered or carried, exactly once; no partner holds two open offers.
     def round_then_settled() -> Any:
         ops.request("POST", f"/delivery/stores/{store['id']}/round")  # a restarting shard may say 503
+        time.sleep(0.3)  # within the ops user's rate limit
         return settled()
 
     offered = wait_for(round_then_settled, 60, "every order offered once")
