@@ -611,6 +611,8 @@ class FleetShard:
                 dirty, store.dirty_positions = store.dirty_positions, set()
                 keep = self.settings.partner_trail_length
                 saving = [p for pid in dirty if (p := store.partners.get(pid)) is not None and p.latest]
+                if not saving:  # HSET needs at least one field
+                    continue
                 try:
                     async with self._kv().pipeline(transaction=False) as pipe:
                         pipe.hset(

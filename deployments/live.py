@@ -295,6 +295,8 @@ async def serve_socket(
         if not sender.done():
             raise  # cancelled from outside (the replica stopping), not by the sender
         reader.uncancel()
+        if not sender.cancelled():
+            sender.exception()  # retrieved: what broke the socket needs no "never retrieved" log
     finally:
         reading = False
         sender.cancel()
