@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from config.settings import Settings
 from models.errors import Conflict, Forbidden
@@ -539,6 +538,10 @@ def assignment_round(
     Among equal costs older trips win, so orders are served first come, first served when
     partners are scarce. Trips left without a partner stay queued for the next round.
     """
+    # Imported here: scipy takes ~1.7 s to import, and every replica imports these rules
+    # (through the tables) while only the fleet shards run rounds.
+    from scipy.optimize import linear_sum_assignment
+
     if len({o.id for o in orders}) != len(orders) or len({c.id for c in candidates}) != len(candidates):
         raise ValueError("order and partner ids must be unique within a round")
     fresh = [c for c in candidates if now_s - c.position_ts_s <= settings.partner_fresh_position_seconds]
