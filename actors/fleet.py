@@ -11,7 +11,7 @@ queued orders are offered again after a crash.
 
 Every change a socket must see goes out on one Redis pub/sub channel (`EVENTS`): the
 delivery replicas subscribe once and fan out to the sockets they hold. Replicas batch
-positions (`partner_position_coalesce_ms`) and make one call per shard per batch. On that hot
+positions (one call per shard in flight; what arrives meanwhile is the next batch). On that hot
 path nothing crosses a process as a pydantic model: positions go in and acks come back as
 plain tuples, and a tracking event is published as the socket message itself, serialized once
 here (`tracking_wire`), which every replica forwards as it is.
@@ -880,7 +880,7 @@ async def shard_for(store_id: uuid.UUID) -> ActorHandle:
 
 
 async def ingest(batches: list[PositionBatch]) -> list[Ack]:
-    """Hand a replica's coalesced positions to their shards: one call per shard."""
+    """Hand a replica's batched positions to their shards: one call per shard."""
     handles = _shards if _shards is not None else await asyncio.to_thread(fleet_shards)
     by_shard: dict[int, list[PositionBatch]] = {}
     for batch in batches:

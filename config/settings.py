@@ -149,9 +149,6 @@ class Settings(BaseSettings):
     # burst and offer replies while a flood is closed, not queued.
     delivery_ws_max_message_bytes: int = Field(default=4096, ge=256)
     delivery_ws_max_messages_per_second: float = Field(default=10, gt=0)
-    # Replicas gather position messages for this long and send one call per shard: tens of
-    # ms is invisible on a map yet turns thousands of messages/s into tens of actor calls.
-    partner_position_coalesce_ms: int = Field(default=50, ge=1, le=1000)
     # A socket's first message must authenticate within this; heartbeats keep proxies and
     # phones from dropping an idle socket and tell a dead client apart.
     delivery_ws_auth_timeout_seconds: float = Field(default=5, gt=0)

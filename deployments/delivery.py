@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Depends, WebSocket
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.websockets import WebSocketDisconnect
 
 from actors import fleet
@@ -317,7 +318,6 @@ def hub() -> Hub:
         assert settings.redis_url
         _hub = Hub(
             settings.redis_url,
-            settings.partner_position_coalesce_ms,
             settings.delivery_ws_heartbeat_seconds,
             _partner_event,
         )
@@ -354,6 +354,10 @@ async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
     except ServiceUnavailable:  # a fleet shard restarting: the client reconnects shortly
         with contextlib.suppress(Exception):
             await ws.close(CLOSE["unavailable"])
+    except PoolTimeout:  # a reconnect storm larger than the connection pool: come back later
+        log.warning("socket %s: no database connection free; told to reconnect", ws.url.path)
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE["unavailable"])
     except Exception:  # a fault of ours: logged, and the client told to come back (1011)
         log.exception("socket %s failed", ws.url.path)
         with contextlib.suppress(Exception):
@@ -362,7 +366,7 @@ async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
 
 @api.websocket("/ws/partner")
 async def partner_socket(ws: WebSocket) -> None:
-    """The partner app's socket (messages in `websockets.schema.json`): positions in (coalesced
+    """The partner app's socket (messages in `websockets.schema.json`): positions in (batched
     before they reach the fleet), offers, recalls and the trip out, accept/decline in."""
 
     async def run() -> None:

@@ -2,8 +2,9 @@
 `websockets.schema.json`, since OpenAPI does not cover sockets), the per-replica hub that
 subscribes once to the fleet's Redis channel and fans changes out to the sockets this replica
 holds (latest state only per socket; tracking messages arrive serialized and are forwarded as
-they are), the coalescer that turns many partners' position messages into one fleet call per
-shard every `partner_position_coalesce_ms`, and one heartbeat for all its sockets.
+they are), the batcher that turns many partners' position messages into one fleet call per
+shard (one call in flight; what arrives meanwhile goes in the next), and one heartbeat for all
+its sockets.
 
 Close codes (application range): 4400 malformed message, 4401 not authenticated (bad or
 expired token, or no auth message within `delivery_ws_auth_timeout_seconds`), 4403 not
@@ -305,30 +306,27 @@ async def serve_socket(
 
 # ---------------------------------------------------------------- the replica's hub
 
-MAX_INGESTS_IN_FLIGHT = 4
-
 
 class Hub:
     """One per replica: the Redis subscription, the sockets by what they watch, and the
-    position coalescer."""
+    position batcher."""
 
     def __init__(
         self,
         redis_url: str,
-        coalesce_ms: int,
         heartbeat_s: float,
         on_partner_event: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
         self.redis_url = redis_url
         # A fleet event for a partner with a socket here (the service renders it).
         self.on_partner_event = on_partner_event
-        self.coalesce_s = coalesce_ms / 1000
         self.heartbeat_s = heartbeat_s
         self.partners: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self.orders: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self.boards: dict[uuid.UUID, set[Socket]] = defaultdict(set)
         self._board_dirty: set[uuid.UUID] = set()
         self._positions: dict[uuid.UUID, PositionBatch] = {}  # by partner
+        self._has_positions = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -409,19 +407,17 @@ class Hub:
         if batch is None:
             batch = self._positions[partner_id] = (str(store_id), str(partner_id), [])
         batch[2].append(point)
+        self._has_positions.set()
 
     async def _flush_positions(self) -> None:
-        """Every window, the positions gathered so far go to their shards, without waiting for
-        the previous window's call (a few at most in flight: beyond that, windows merge)."""
-        in_flight: set[asyncio.Task[None]] = set()
+        """Positions go to their shards as soon as they arrive while no call is in flight;
+        those arriving during a call go together in the next. So the batch grows with the
+        load (and the calls do not), and an idle replica adds no waiting."""
         while True:
-            await asyncio.sleep(self.coalesce_s)
-            if not self._positions or len(in_flight) >= MAX_INGESTS_IN_FLIGHT:
-                continue
+            await self._has_positions.wait()
+            self._has_positions.clear()
             batches, self._positions = list(self._positions.values()), {}
-            task = asyncio.create_task(self._ingest(batches))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            await self._ingest(batches)
 
     async def _ingest(self, batches: list[PositionBatch]) -> None:
         try:

@@ -173,6 +173,7 @@ async def run_load(
     from websockets.exceptions import ConnectionClosed
 
     latencies: list[float] = []
+    arrivals: list[float] = []  # when each latency was seen, for the timeline
     opened: list[Any] = []
 
     async def open_socket(url: str, token: str) -> Any:
@@ -196,10 +197,12 @@ async def run_load(
         async with sem:
             return await open_socket(url, token)
 
+    opening = time.perf_counter()
     watchers = await asyncio.gather(*(bounded(watch_url(i, p), p["customer"]) for i, p in enumerate(pairs)))
     partners = await asyncio.gather(*(bounded(partner_url(i), p["partner"]) for i, p in enumerate(pairs)))
-    if auth:  # each partner's `ready`
-        await asyncio.gather(*(ws.recv() for ws in partners))
+    if auth:  # each partner's `ready` (a socket the server closed instead counts as missing)
+        await asyncio.gather(*(ws.recv() for ws in partners), return_exceptions=True)
+    print(f"  {2 * len(pairs)} sockets open in {time.perf_counter() - opening:.1f} s", flush=True)
     measuring = False
 
     async def watch(ws: Any) -> None:
@@ -208,7 +211,9 @@ async def run_load(
                 message = json.loads(raw)
                 position = (message.get("tracking") or {}).get("position")
                 if message.get("type") == "tracking" and position and measuring:
-                    latencies.append(time.time() - position["ts"])
+                    now = time.time()
+                    latencies.append(now - position["ts"])
+                    arrivals.append(now)
 
     async def send(i: int, ws: Any, pair: dict[str, Any], until: float) -> None:
         step = 0
@@ -227,6 +232,7 @@ async def run_load(
     )
     measuring = True
     began = time.perf_counter()
+    began_at = time.time()
     await asyncio.gather(
         *(
             send(i, ws, p, time.monotonic() + seconds)
@@ -243,9 +249,25 @@ async def run_load(
     if closed:
         print(f"  sockets closed by the server during the run: {dict(closed)}", flush=True)
     await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
+    print_timeline(began_at, arrivals, latencies)
     expected = len(pairs) * rate * seconds
     errors = max(0, int(expected - len(latencies)))
     return summary(latencies, errors, elapsed)
+
+
+def print_timeline(began_at: float, arrivals: list[float], latencies: list[float], slice_s: int = 5) -> None:
+    """p50/p99 per slice of the run: a backlog left by opening the sockets shows in the first
+    slices, a steady-state cost in all of them."""
+    slices: dict[int, list[float]] = {}
+    for at, latency in zip(arrivals, latencies, strict=True):
+        slices.setdefault(int((at - began_at) // slice_s), []).append(latency * 1000)
+    parts = []
+    for k in sorted(slices):
+        ms = sorted(slices[k])
+        parts.append(
+            f"{k * slice_s}s: {ms[len(ms) // 2]:.0f}/{ms[min(len(ms) - 1, int(len(ms) * 0.99))]:.0f}"
+        )
+    print(f"  timeline p50/p99 ms per {slice_s} s: " + "  ".join(parts), flush=True)
 
 
 def wait_answering(shards: list[Any]) -> None:

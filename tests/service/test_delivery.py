@@ -559,7 +559,7 @@ def test_partner_and_customer_sockets_carry_a_delivery(live: Live, shop: Shop, o
     assigned = watch.recv("tracking")["tracking"]
     assert assigned["delivery_status"] == "assigned" and assigned["partner"]["vehicle"] == "scooter"
 
-    # Positions over the socket reach the customer's socket (coalesced by the replica).
+    # Positions over the socket reach the customer's socket (batched by the replica).
     lat = store["lat"] + 0.45 * KM_LAT
     app.send({"type": "position", "lat": lat, "lng": store["lng"], "ts": time.time() + 5, "accuracy_m": 6.0})
     moved = watch.recv("tracking")["tracking"]
