@@ -59,8 +59,17 @@ def fake_ip() -> str:
     return f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}"
 
 
+_PHONES_ISSUED: set[str] = set()
+
+
 def fake_phone() -> str:
-    return "+9198" + "".join(secrets.choice("0123456789") for _ in range(8))
+    """A phone number no other caller in this run got (the database is emptied at the start of
+    a run; 10^8 numbers still collide now and then over the thousands a run creates)."""
+    while True:
+        phone = "+9198" + "".join(secrets.choice("0123456789") for _ in range(8))
+        if phone not in _PHONES_ISSUED:
+            _PHONES_ISSUED.add(phone)
+            return phone
 
 
 @dataclass

@@ -139,8 +139,12 @@ def statuses(live: Live, order_ids: list[str]) -> dict[str, int]:
 
 
 def wait_all_placed(live: Live, order_ids: list[str], timeout: float = 120) -> None:
+    wait_all(live, order_ids, "placed", timeout)
+
+
+def wait_all(live: Live, order_ids: list[str], status: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while statuses(live, order_ids).get("placed", 0) < len(order_ids):
+    while statuses(live, order_ids).get(status, 0) < len(order_ids):
         assert time.monotonic() < deadline, statuses(live, order_ids)
         time.sleep(0.5)
 
@@ -220,8 +224,11 @@ def test_events_out_of_order_end_in_the_right_state(live: Live, shop: Shop, owne
     assert post(live, *captured).status_code == 200
     wait_all_placed(live, [first])
     assert post(live, *failed).status_code == 200
-    # The other order: failure first, then the retry's capture.
+    # The other order: failure first, then the retry's capture. (Waiting for the failure to
+    # take effect: the relay delivers a batch of events concurrently, so two posted back to
+    # back may be applied in either order, and then the capture would make the failure late.)
     assert post(live, *signed(payment_event("payment.failed", second_gw))).status_code == 200
+    wait_all(live, [second], "payment_failed")
     assert post(live, *signed(payment_event("payment.captured", second_gw))).status_code == 200
     wait_all_placed(live, [second])
     time.sleep(1.5)  # let the late failure be processed
