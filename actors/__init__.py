@@ -23,7 +23,7 @@ _lock = threading.Lock()
 def steady_gc() -> None:
     """For a process that streams: far fewer young-generation collections. At Python's default
     (a collection every 700 net allocations) objects that live a few tens of milliseconds (a
-    coalescing window's positions, an in-flight event) are promoted to the old generation,
+    batch of positions, an in-flight event) are promoted to the old generation,
     whose full collections then paused the delivery replica for 0.3-0.9 s every few seconds
     under 2,000 sockets (measured with gc.callbacks in the tracking benchmark)."""
     gc.set_threshold(50_000, 20, 100)

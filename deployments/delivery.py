@@ -316,11 +316,7 @@ def hub() -> Hub:
     if _hub is None:
         settings = resources().settings
         assert settings.redis_url
-        _hub = Hub(
-            settings.redis_url,
-            settings.delivery_ws_heartbeat_seconds,
-            _partner_event,
-        )
+        _hub = Hub(settings.redis_url, settings.delivery_ws_heartbeat_seconds, _partner_event)
     _hub.start()
     return _hub
 
@@ -343,25 +339,24 @@ async def _open(ws: WebSocket) -> tuple[Socket, Principal]:
 
 
 async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
-    """Close with the code a refusal calls for; a client that left needs nothing."""
+    """Close with the code the failure calls for; a client that left needs nothing."""
     try:
         await run()
-    except Closed as exc:
-        with contextlib.suppress(Exception):
-            await ws.close(exc.code)
+        return
     except WebSocketDisconnect:
-        pass
+        return
+    except Closed as exc:  # a refusal: the code says which
+        code = exc.code
     except ServiceUnavailable:  # a fleet shard restarting: the client reconnects shortly
-        with contextlib.suppress(Exception):
-            await ws.close(CLOSE["unavailable"])
+        code = CLOSE["unavailable"]
     except PoolTimeout:  # a reconnect storm larger than the connection pool: come back later
         log.warning("socket %s: no database connection free; told to reconnect", ws.url.path)
-        with contextlib.suppress(Exception):
-            await ws.close(CLOSE["unavailable"])
+        code = CLOSE["unavailable"]
     except Exception:  # a fault of ours: logged, and the client told to come back (1011)
         log.exception("socket %s failed", ws.url.path)
-        with contextlib.suppress(Exception):
-            await ws.close(CLOSE["internal"])
+        code = CLOSE["internal"]
+    with contextlib.suppress(Exception):
+        await ws.close(code)
 
 
 @api.websocket("/ws/partner")

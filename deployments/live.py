@@ -417,13 +417,12 @@ class Hub:
             await self._has_positions.wait()
             self._has_positions.clear()
             batches, self._positions = list(self._positions.values()), {}
-            await self._ingest(batches)
-
-    async def _ingest(self, batches: list[PositionBatch]) -> None:
-        try:
-            await fleet.ingest(batches)
-        except Exception:
-            log.warning("positions of %d partners not delivered to the fleet", len(batches), exc_info=True)
+            try:
+                await fleet.ingest(batches)
+            except Exception:
+                log.warning(
+                    "positions of %d partners not delivered to the fleet", len(batches), exc_info=True
+                )
 
     def forget(self, registry: dict[uuid.UUID, set[Socket]], key: uuid.UUID, socket: Socket) -> None:
         sockets = registry.get(key)
