@@ -28,7 +28,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from actors import call, named, shard_index, steady_gc
+from actors import call, named, routing, shard_index, steady_gc
 from config.settings import Settings, get_settings
 from models import delivery, orders
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
@@ -51,19 +51,26 @@ from models.delivery_rules import (
     DeliveryStatus,
     GpsPoint,
     LatLng,
+    Offer,
     QueuedOrder,
+    TripRoute,
     Vehicle,
     append_trail,
     assignment_round,
+    direct_route,
     filter_positions,
     route_etas_s,
 )
+from models.errors import Conflict
 from models.products import Store
+from models.routing import RoutingProblem, queue_problem, trip_problem, trip_route
 from models.users import User
 
 log = logging.getLogger("vurksha.fleet")
 
 EVENTS = "fleet:events"
+# A what-if plan covers at most this many of the oldest queued orders (a problem's 2,000 stops).
+QUEUE_PLAN_MAX_ORDERS = 1000
 D = DeliveryStatus
 
 
@@ -242,6 +249,7 @@ class FleetShard:
         self._tasks: list[asyncio.Task[None]] = []
         self._outgoing: list[str] = []
         self._has_outgoing = asyncio.Event()
+        self._optimizer_retry_at = 0.0
 
     # ------------------------------------------------------------ resources
 
@@ -296,7 +304,12 @@ class FleetShard:
                 loop.create_task(self._rounds()),
                 loop.create_task(self._flush_positions()),
                 loop.create_task(self._publisher()),
+                loop.create_task(self._warm_optimizer()),
             ]
+
+    async def _warm_optimizer(self) -> None:
+        """Dispatch's first batched trip should not wait for the handle's set-up."""
+        await routing.warm_up()
 
     # ------------------------------------------------------------ loading a store
 
@@ -768,11 +781,11 @@ class FleetShard:
         ]
         made = 0
         expires_at = now + timedelta(seconds=self.settings.partner_offer_expiry_seconds)
-        for offer in assignment_round(queued, idle, now_s=now.timestamp(), settings=self.settings):
+        offers = assignment_round(queued, idle, now_s=now.timestamp(), settings=self.settings)
+        routes = await self._trip_routes(store, offers, {c.id: c for c in idle})
+        for offer, route in zip(offers, routes, strict=True):
             async with self._tx() as s:
-                row = await delivery.create_offer(
-                    s, store.id, offer.partner_id, offer.order_ids, now, expires_at
-                )
+                row = await delivery.create_offer(s, store.id, offer.partner_id, route, now, expires_at)
             if row is None:  # the database says no (an order moved on): the next round sees it
                 self._stores.pop(store.id, None)
                 break
@@ -790,6 +803,80 @@ class FleetShard:
             )
         self._publish(store, *events)
         return made
+
+    async def _trip_routes(
+        self, store: LiveStore, offers: Sequence[Offer], partners: dict[uuid.UUID, Candidate]
+    ) -> list[TripRoute]:
+        """Each offer's drop order and planned ETAs: a batched trip's from the route optimizer
+        (an open route from the partner through the store), all trips of the round asked at
+        once; nearest-neighbour order, with the reason recorded on the offer, when it fails
+        or does not answer within `delivery_trip_route_timeout_seconds` (and for
+        `delivery_trip_route_retry_seconds` after, so a round never waits on it twice)."""
+        settings = self.settings
+        drops = [[(oid, store.orders[oid].drop) for oid in offer.order_ids] for offer in offers]
+        routes = [
+            direct_route(
+                partners[o.partner_id].position, store.at, d, partners[o.partner_id].vehicle, settings
+            )
+            for o, d in zip(offers, drops, strict=True)
+        ]
+        batched = [i for i, o in enumerate(offers) if len(o.order_ids) > 1]
+        if not batched:
+            return routes
+        fallback = "optimizer_unavailable"
+        if time.monotonic() >= self._optimizer_retry_at:
+            problems = [
+                trip_problem(
+                    partners[offers[i].partner_id].position,
+                    store.at,
+                    drops[i],
+                    partners[offers[i].partner_id].vehicle,
+                    settings,
+                )
+                for i in batched
+            ]
+            try:
+                handle = await routing.optimizer()
+                async with asyncio.timeout(settings.delivery_trip_route_timeout_seconds):
+                    solutions = await asyncio.gather(
+                        *(
+                            handle.solve.remote(p, settings.delivery_trip_route_time_limit_seconds)
+                            for p in problems
+                        )
+                    )
+            except TimeoutError:
+                fallback = "optimizer_late"
+            except Exception:
+                log.warning("fleet shard %d: the route optimizer failed", self.index, exc_info=True)
+            else:
+                for i, solution in zip(batched, solutions, strict=True):
+                    routes[i] = trip_route(solution) or replace(routes[i], fallback="optimizer_dropped_stops")
+                return routes
+            self._optimizer_retry_at = time.monotonic() + settings.delivery_trip_route_retry_seconds
+            log.warning("fleet shard %d: %s, trips in nearest-neighbour order", self.index, fallback)
+        for i in batched:
+            routes[i] = replace(routes[i], fallback=fallback)
+        return routes
+
+    async def queue_problem(self, store_id: uuid.UUID) -> RoutingProblem:
+        """The store's queue (orders not yet offered, oldest first, at most
+        `QUEUE_PLAN_MAX_ORDERS`) over its idle partners with a position, as a routing problem
+        (a what-if for ops: nothing is offered)."""
+        store = await self._store(store_id)
+        queued = sorted(
+            (o for o in store.orders.values() if o.offer_id is None and o.delivery_id is None),
+            key=lambda o: o.queued_at_s,
+        )[:QUEUE_PLAN_MAX_ORDERS]
+        partners = [
+            (str(p.id), p.latest.latlng, p.vehicle)
+            for p in store.partners.values()
+            if p.state == "idle" and p.latest is not None
+        ]
+        if not partners:
+            raise Conflict(
+                "The store has no idle partner with a position to plan for", code="no_idle_partners"
+            )
+        return queue_problem(store.at, partners, [(str(o.id), o.drop) for o in queued], self.settings)
 
     async def _close_offers(
         self, store: LiveStore, ids: list[uuid.UUID], status: Literal["expired", "recalled"]

@@ -181,6 +181,25 @@ class Settings(BaseSettings):
     # Latest positions are written to Redis at most this often per shard (coalesced).
     partner_position_flush_seconds: float = Field(default=1.0, gt=0)
 
+    # Route optimizer (actors/routing.py, OR-Tools): a request's search time when it names
+    # none, and the most it may ask for (well inside http_request_timeout_seconds).
+    route_optimizer_time_limit_seconds: float = Field(default=0.5, gt=0)
+    route_optimizer_max_time_limit_seconds: float = Field(default=10, gt=0, le=25)
+    # Solver actors per optimizer replica, and so the configurations run side by side on
+    # problems of more than `route_optimizer_portfolio_min_stops` stops (smaller ones run the
+    # default alone), and the logical CPUs each solver asks Ray for (each uses a core while it
+    # solves; locally they ask for the sliver every actor asks for, as the replicas and actors
+    # have reserved most of the node's CPUs; k8s/rayservice.yaml asks for 1).
+    route_optimizer_portfolio: int = Field(default=2, ge=1, le=2)
+    route_optimizer_portfolio_min_stops: int = Field(default=10, ge=0)
+    route_optimizer_solver_cpus: float = Field(default=0.05, gt=0)
+    # Dispatch asks the optimizer to order a batched trip's drops with this search time, and
+    # falls back to nearest-neighbour order (recorded on the offer) when no answer comes within
+    # the timeout; after a failure it does not ask again for `..._retry_seconds`.
+    delivery_trip_route_time_limit_seconds: float = Field(default=0.1, gt=0)
+    delivery_trip_route_timeout_seconds: float = Field(default=1.5, gt=0)
+    delivery_trip_route_retry_seconds: float = Field(default=30, ge=0)
+
     admin_phone: str = DEV_ADMIN_PHONE
 
     # Seed catalog: the Online Retail Parquet file (default: the copy vendored in

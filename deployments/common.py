@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
@@ -499,7 +499,9 @@ def create_api(
 
 
 class _Ingress:
-    def __init__(self) -> None:
+    def __init__(self, *bound: Any) -> None:
+        # Deployments bound into the application (`serve_builder(..., bind=...)`) arrive as
+        # handles; the routes reach them by name (serve.get_deployment_handle).
         setup_logging(get_settings().log_level)
         resources()  # fail the replica at start, not on the first request, if config is bad
 
@@ -516,12 +518,13 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 
 
 def serve_builder(
-    api: FastAPI, name: str, mixin: type | None = None, **options: Any
+    api: FastAPI, name: str, mixin: type | None = None, bind: Sequence[Any] = (), **options: Any
 ) -> Callable[[dict[str, Any]], Application]:
     """The builder `serve.yaml` imports (`import_path: deployments.<name>:app`). `mixin` adds
     methods other deployments and actors call through handles (e.g. an outbox subscriber's
-    `consume`), and may start what the service needs in its `__init__`; `options` override
-    the deployment defaults."""
+    `consume`), and may start what the service needs in its `__init__`; `bind` adds
+    deployments without routes to the application (e.g. the route optimizer); `options`
+    override the deployment defaults."""
     bases = (mixin, _Ingress) if mixin is not None else (_Ingress,)
     ingress_cls = type(f"{name.title().replace('_', '')}Ingress", bases, {"__doc__": api.description})
     deployment = serve.deployment(name=name, **{**INGRESS_DEFAULTS, **options})(
@@ -529,6 +532,6 @@ def serve_builder(
     )
 
     def build(args: dict[str, Any] | None = None) -> Application:
-        return deployment.bind()
+        return deployment.bind(*(d.bind() for d in bind))
 
     return build

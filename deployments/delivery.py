@@ -15,17 +15,18 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, WebSocket
+from fastapi import Depends, Query, WebSocket
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.websockets import WebSocketDisconnect
 
-from actors import fleet
+from actors import call, fleet, routing
 from actors.fleet import Board, IngestAck, Tracking
 from actors.outbox import relay
+from actors.routing import RouteOptimizer
 from deployments.common import (
     CurrentUser,
     Db,
@@ -59,6 +60,7 @@ from models.db import utcnow
 from models.delivery import DeliveryOut, OfferOut, PartnerIn, PartnerOut, ShiftIn, StatusIn
 from models.delivery_rules import DeliveryActor
 from models.errors import AppError, ServiceUnavailable, Unauthorized
+from models.routing import RoutingProblem, RoutingSolution
 from models.users import Role, normalize_phone
 
 log = logging.getLogger("vurksha.delivery")
@@ -281,6 +283,53 @@ async def run_round(store_id: uuid.UUID) -> int:
     return made
 
 
+# ---------------------------------------------------------------- route optimization (ops)
+
+
+TimeLimit = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        le=25,
+        description="Search time in seconds (default `VURKSHA_ROUTE_OPTIMIZER_TIME_LIMIT_SECONDS`, "
+        "capped at `VURKSHA_ROUTE_OPTIMIZER_MAX_TIME_LIMIT_SECONDS`). The best solution found "
+        "when it runs out is returned, with `stats.time_limit_reached`.",
+    ),
+]
+
+
+async def _optimize(problem: RoutingProblem, time_limit_s: float | None) -> RoutingSolution:
+    handle = await routing.optimizer()
+    solution: RoutingSolution = await call(
+        handle.solve.remote(problem, time_limit_s),
+        unavailable="The route optimizer is briefly unavailable; please retry",
+        code="route_optimizer_unavailable",
+    )
+    return solution
+
+
+@api.post("/routes/optimize", response_model=RoutingSolution, tags=["routes"], dependencies=[OPS])
+async def optimize_routes(problem: RoutingProblem, time_limit_s: TimeLimit = None) -> RoutingSolution:
+    """Plan vehicle routes with time windows (OR-Tools; the route optimizer deployment).
+    Times are whole seconds from `origin`, capacities and demands items; travel times are the
+    delivery ETA model's (haversine distance x road factor / the vehicle type's speed). Late
+    service costs `lateness_cost_per_s` per second; a stop no vehicle can serve is left out
+    and listed in `dropped` with its reason. Admins and ops."""
+    return await _optimize(problem, time_limit_s)
+
+
+@api.post(
+    "/stores/{store_id}/routes/plan", response_model=RoutingSolution, tags=["routes"], dependencies=[OPS]
+)
+async def plan_store_queue(store_id: uuid.UUID, time_limit_s: TimeLimit = None) -> RoutingSolution:
+    """A what-if, not applied: the optimizer's multi-vehicle plan for the store's queue now
+    (orders not yet offered) over its online partners, each riding from where they are to
+    the store and on to the drops (pickup-before-drop pairs; stop ids `pickup:<order id>` and
+    `<order id>`). Times are seconds from now. Admins and ops."""
+    problem: RoutingProblem = await fleet.on_fleet(store_id, "queue_problem")
+    return await _optimize(problem, time_limit_s)
+
+
 # ---------------------------------------------------------------- the dispatcher's map
 
 MAP_PAGE = (Path(__file__).parent / "static" / "dispatch.html").read_text()
@@ -496,8 +545,8 @@ class _Subscriber:
     """Order events from the outbox (at least once): a confirmed order joins its store's
     queue, any other move updates the live view (a cancelled one is recalled)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *bound: Any) -> None:
+        super().__init__(*bound)
         relay()
         fleet.fleet_shards()
 
@@ -516,4 +565,4 @@ class _Subscriber:
 
 # Every open WebSocket is an ongoing request for its whole life: a replica holds thousands of
 # mostly idle sockets (partners and watching customers), not 200 busy requests.
-app = serve_builder(api, "delivery", _Subscriber, max_ongoing_requests=10_000)
+app = serve_builder(api, "delivery", _Subscriber, bind=[RouteOptimizer], max_ongoing_requests=10_000)

@@ -53,6 +53,7 @@ from models.delivery_rules import (
     ActiveDelivery,
     DeliveryActor,
     DeliveryStatus,
+    TripRoute,
     Vehicle,
     check_delivery_transition,
 )
@@ -64,6 +65,7 @@ from models.users import Role, User
 
 D = DeliveryStatus
 OFFER_STATUSES = ("open", "accepted", "declined", "expired", "recalled")
+ROUTE_PLANNERS = ("direct", "optimizer", "nearest_neighbour")
 ACTIVE_SQL = "status IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_DELIVERY)))
 # A wrong PIN this many times locks the handover: ops take over (a guessed PIN is a stolen bag).
 MAX_PIN_ATTEMPTS = 5
@@ -109,6 +111,9 @@ class DeliveryOffer(Base):
     __table_args__ = (
         CheckConstraint(f"status IN ({', '.join(repr(s) for s in OFFER_STATUSES)})", name="status"),
         CheckConstraint("cardinality(order_ids) >= 1", name="orders"),
+        CheckConstraint(
+            f"route_planner IN ({', '.join(repr(p) for p in ROUTE_PLANNERS)})", name="route_planner"
+        ),
         Index(
             "uq_delivery_offers_open_partner",
             "partner_id",
@@ -126,6 +131,12 @@ class DeliveryOffer(Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     answered_at: Mapped[datetime | None]
+    # The trip's planned route (models.delivery_rules.TripRoute): seconds from `created_at`
+    # until each order (same order as `order_ids`) is handed over, who ordered the drops, and
+    # why the route optimizer's order was not used, if it was not.
+    planned_eta_s: Mapped[list[int]] = mapped_column(ARRAY(Integer), server_default="{}")
+    route_planner: Mapped[str] = mapped_column(String(24), server_default="direct")
+    route_fallback: Mapped[str | None] = mapped_column(String(32))
 
 
 class Delivery(Base):
@@ -301,9 +312,14 @@ class DeliveryOut(BaseModel):
 class OfferOut(BaseModel):
     id: uuid.UUID
     store_id: uuid.UUID
-    order_ids: list[uuid.UUID]
+    order_ids: list[uuid.UUID]  # in drop order
     status: str
     expires_at: datetime
+    created_at: datetime
+    # Seconds from `created_at` until each order is handed over, along the planned route.
+    planned_eta_s: list[int]
+    route_planner: Literal["direct", "optimizer", "nearest_neighbour"]
+    route_fallback: str | None  # why not the optimizer's order (optimizer_late, _unavailable, ...)
 
 
 # ---------------------------------------------------------------- errors
@@ -502,12 +518,14 @@ async def create_offer(
     session: AsyncSession,
     store_id: uuid.UUID,
     partner_id: uuid.UUID,
-    order_ids: Sequence[uuid.UUID],
+    route: TripRoute,
     now: datetime,
     expires_at: datetime,
 ) -> DeliveryOffer | None:
-    """Offer a trip, or None when the database says no: the partner already holds an open
-    offer, or one of the orders is no longer dispatchable (cancelled, already carried)."""
+    """Offer a trip along its planned route, or None when the database says no: the partner
+    already holds an open offer, or one of the orders is no longer dispatchable (cancelled,
+    already carried)."""
+    order_ids = route.order_ids
     dispatchable = await session.scalar(
         select(func.count())
         .select_from(Order)
@@ -525,6 +543,9 @@ async def create_offer(
         order_ids=list(order_ids),
         created_at=now,
         expires_at=expires_at,
+        planned_eta_s=list(route.etas_s),
+        route_planner=route.planner,
+        route_fallback=route.fallback,
     )
     try:
         async with session.begin_nested():

@@ -467,6 +467,35 @@ class Offer:
     cost_s: float  # the partner's travel time to the pickup
 
 
+@dataclass(frozen=True, slots=True)
+class TripRoute:
+    """An offered trip's drop order and planned ETAs (whole seconds from planning until each
+    order is handed over), and who ordered it: `direct` (one drop), `optimizer` (the route
+    optimizer), or `nearest_neighbour` with the reason the optimizer's order was not used."""
+
+    order_ids: tuple[uuid.UUID, ...]
+    etas_s: tuple[int, ...]
+    planner: str
+    fallback: str | None = None
+
+
+def direct_route(
+    start: LatLng,
+    store: LatLng,
+    orders: Sequence[tuple[uuid.UUID, LatLng]],
+    vehicle: Vehicle,
+    settings: Settings,
+) -> TripRoute:
+    """The trip in the given order (nearest-neighbour from `plan_trips`), timed from `start`
+    through the store."""
+    etas = route_etas_s(start, [store, *(drop for _, drop in orders)], vehicle, settings)[1:]
+    return TripRoute(
+        order_ids=tuple(order_id for order_id, _ in orders),
+        etas_s=tuple(math.ceil(e) for e in etas),
+        planner="direct" if len(orders) == 1 else "nearest_neighbour",
+    )
+
+
 def _nearest_neighbour(start: LatLng, orders: Sequence[QueuedOrder]) -> list[QueuedOrder]:
     route, here, left = [], start, list(orders)
     while left:

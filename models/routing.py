@@ -59,6 +59,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,7 +79,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from config.settings import Settings
-from models.delivery_rules import LatLng, Vehicle, haversine_m, travel_s
+from models.delivery_rules import LatLng, TripRoute, Vehicle, haversine_m, speed_mps, travel_s
 
 # ---------------------------------------------------------------- solver configurations
 
@@ -707,6 +708,105 @@ def best_solution(solutions: Iterable[RoutingSolution]) -> RoutingSolution:
     return min(
         solutions,
         key=lambda s: (len(s.dropped), s.stats.objective is None, s.stats.objective or 0),
+    )
+
+
+# ---------------------------------------------------------------- a dispatch trip
+
+
+def trip_problem(
+    start: LatLng,
+    store: LatLng,
+    drops: Sequence[tuple[uuid.UUID, LatLng]],
+    vehicle: Vehicle,
+    settings: Settings,
+) -> RoutingProblem:
+    """One partner's trip as an open route: from `start` to the store (a fixed leg: the route
+    opens when they have the orders in hand, one handover later), then every drop, each with
+    a handover and a soft window ending `delivery_batch_max_added_delay_seconds` after the
+    time it would reach its customer alone. The ETA model is the delivery one
+    (`route_etas_s`), so planned and live ETAs agree."""
+    handover = math.ceil(settings.delivery_handover_seconds)
+    at_store = math.ceil(travel_s(haversine_m(start, store), vehicle, settings)) + handover
+    delay = math.ceil(settings.delivery_batch_max_added_delay_seconds)
+    stops = [
+        RouteStop(
+            id=str(order_id),
+            location=Point(lat=drop.lat, lng=drop.lng),
+            latest_s=at_store + math.ceil(travel_s(haversine_m(store, drop), vehicle, settings)) + delay,
+            service_s=handover,
+        )
+        for order_id, drop in drops
+    ]
+    return RoutingProblem(
+        depot=Depot(location=Point(lat=store.lat, lng=store.lng), opens_s=at_store),
+        vehicles=[
+            RouteVehicle(
+                id="partner", capacity=len(stops), shift_end_s=at_store + 4 * 3600, vehicle_type=vehicle
+            )
+        ],
+        stops=stops,
+        open_routes=True,
+    )
+
+
+def trip_route(solution: RoutingSolution) -> TripRoute | None:
+    """The optimizer's order and ETAs for a `trip_problem`, or None if it left a drop out."""
+    if solution.dropped or len(solution.routes) != 1:
+        return None
+    visits = solution.routes[0].visits
+    return TripRoute(
+        order_ids=tuple(uuid.UUID(v.stop_id) for v in visits),
+        etas_s=tuple(v.departure_s for v in visits),
+        planner="optimizer",
+    )
+
+
+def queue_problem(
+    store: LatLng,
+    partners: Sequence[tuple[str, LatLng, Vehicle]],
+    orders: Sequence[tuple[str, LatLng]],
+    settings: Settings,
+) -> RoutingProblem:
+    """A store's queue over its partners (a what-if plan): every order is a pickup at the
+    store (`pickup:<id>`, no service time) before its drop (a handover), each partner an open
+    route from where they are carrying at most `delivery_batch_max_orders`. A drop's soft
+    window ends `delivery_batch_max_added_delay_seconds` after the earliest any partner could
+    bring it alone."""
+    handover = math.ceil(settings.delivery_handover_seconds)
+    delay = math.ceil(settings.delivery_batch_max_added_delay_seconds)
+    here = Point(lat=store.lat, lng=store.lng)
+    to_store = min(travel_s(haversine_m(at, store), vehicle, settings) for _, at, vehicle in partners)
+    fastest = max(partners, key=lambda p: speed_mps(p[2], settings))[2]
+    horizon = 4 * 3600
+    stops, pairs = [], []
+    for order_id, drop in orders:
+        alone = to_store + travel_s(haversine_m(store, drop), fastest, settings)
+        stops += [
+            RouteStop(id=f"pickup:{order_id}", location=here, demand=0, latest_s=horizon),
+            RouteStop(
+                id=order_id,
+                location=Point(lat=drop.lat, lng=drop.lng),
+                latest_s=math.ceil(alone) + delay,
+                service_s=handover,
+            ),
+        ]
+        pairs.append(PickupDrop(pickup=f"pickup:{order_id}", drop=order_id))
+    return RoutingProblem(
+        depot=Depot(location=here),
+        vehicles=[
+            RouteVehicle(
+                id=partner_id,
+                start=Point(lat=at.lat, lng=at.lng),
+                capacity=settings.delivery_batch_max_orders,
+                shift_end_s=horizon,
+                vehicle_type=vehicle,
+            )
+            for partner_id, at, vehicle in partners
+        ],
+        stops=stops,
+        pairs=pairs,
+        open_routes=True,
     )
 
 

@@ -3,6 +3,7 @@ other store is nearer), products with stock, customers with an address, cart hel
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import uuid
@@ -99,7 +100,10 @@ def set_stock(live: Live, store: dict[str, Any], pid: str, on_hand: int, reserve
     )
 
 
-def add_address(user: Session, store: dict[str, Any], *, default: bool = False) -> str:
+def add_address(
+    user: Session, store: dict[str, Any], *, default: bool = False, north_m: float = 0, east_m: float = 0
+) -> str:
+    """An address at the store, or `north_m` / `east_m` metres from it."""
     response = user.request(
         "POST",
         "/users/me/addresses",
@@ -107,8 +111,8 @@ def add_address(user: Session, store: dict[str, Any], *, default: bool = False) 
             "line1": "1 Test Street",
             "city": "Testville",
             "pincode": "560001",
-            "lat": store["lat"],
-            "lng": store["lng"],
+            "lat": store["lat"] + north_m / 111_000,
+            "lng": store["lng"] + east_m / (111_000 * math.cos(math.radians(store["lat"]))),
             "is_default": default,
         },
     )

@@ -100,12 +100,13 @@ def move_to(partner: Session, lat: float, lng: float) -> dict[str, Any]:
 
 
 def confirmed_order(
-    live: Live, shop: Shop, method: str = "cod", quantity: int = 1
+    live: Live, shop: Shop, method: str = "cod", quantity: int = 1, *, north_m: float = 0, east_m: float = 0
 ) -> tuple[Session, dict[str, Any], str]:
-    """A customer's order at store A, confirmed by the store: the fleet queues it."""
+    """A customer's order at store A (delivered at the store, or `north_m` / `east_m` metres
+    from it), confirmed by the store: the fleet queues it."""
     rice = make_product(live, shop, price=12_000, stock_a=20)
     user = live.login()
-    add_address(user, shop.store_a, default=True)
+    add_address(user, shop.store_a, default=True, north_m=north_m, east_m=east_m)
     assert add(user, rice, quantity).status_code == 200
     placed = ok(checkout(user, user_address(user), method), 201)
     if method == "online":

@@ -556,3 +556,20 @@ def test_pod_monitor_scrapes_the_metrics_port_of_every_ray_pod(rayservice):
     for deployment in only("Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert not selector.items() <= labels.items(), "PodMonitor must select Ray pods only"
+
+
+def test_the_route_optimizer_autoscales_from_one_replica_on_ongoing_requests():
+    """Its serve.yaml entry, read by Serve's own schemas (the RayService embeds it verbatim,
+    see above): at least one replica, scaling on ongoing requests, and named as the code
+    that looks it up names it."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from actors.routing import APP, DEPLOYMENT
+
+    config = ServeDeploySchema.model_validate(serve_yaml())
+    app = next(a for a in config.applications if a.name == APP)
+    entry = next(d for d in app.deployments if d.name == DEPLOYMENT)
+    autoscaling = AutoscalingConfig.model_validate(entry.autoscaling_config)
+    assert 1 <= autoscaling.min_replicas < autoscaling.max_replicas
+    assert autoscaling.target_ongoing_requests is not None and autoscaling.target_ongoing_requests > 0

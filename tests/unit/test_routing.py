@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import math
 import random
+import uuid
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -378,3 +379,77 @@ def test_solomon_subset_solved_and_checked() -> None:
     # R101's windows are ten minutes wide: latest-due first cannot keep them.
     with pytest.raises(InfeasibleRoutes, match="due"):
         check_solomon(small, [sorted(range(1, 13), key=lambda c: -small.due[c])])
+
+
+# ---------------------------------------------------------------- dispatch's trips and ops' what-if
+
+
+def metres(origin: LatLng, north: float, east: float) -> LatLng:
+    return LatLng(
+        origin.lat + north / 111_000, origin.lng + east / (111_000 * math.cos(math.radians(origin.lat)))
+    )
+
+
+SHOP = LatLng(12.9716, 77.5946)
+# Three drops (north, east metres from the store) where nearest-neighbour from the store takes
+# the middle one first and pays ~300 m more than the best order, (-148, 361) first.
+DROPS = [(376.0, -385.0), (311.0, 90.0), (-148.0, 361.0)]
+
+
+def test_a_trip_is_ordered_better_than_nearest_neighbour_and_timed_as_the_etas() -> None:
+    from models.delivery_rules import direct_route, route_etas_s
+    from models.routing import trip_problem, trip_route
+
+    settings = Settings(delivery_batch_max_added_delay_seconds=3600)  # windows never bind here
+    start = metres(SHOP, 400, 0)
+    ids = [uuid.UUID(int=i + 1) for i in range(len(DROPS))]
+    points = [metres(SHOP, n, e) for n, e in DROPS]
+    drops = list(zip(ids, points, strict=True))
+    route = trip_route(
+        solve(
+            trip_problem(start, SHOP, drops, Vehicle.scooter, settings),
+            HaversineTravelTimes(settings),
+            time_limit_s=LIMIT_S,
+        )
+    )
+    assert route is not None and route.planner == "optimizer"
+
+    def length(order: Sequence[int]) -> float:
+        legs = [SHOP, *(points[i] for i in order)]
+        return sum(haversine_m(a, b) for a, b in itertools.pairwise(legs))
+
+    best = min(itertools.permutations(range(3)), key=length)
+    assert list(route.order_ids) == [ids[i] for i in best] == [ids[2], ids[1], ids[0]]
+    nearest = [ids[1], ids[0], ids[2]]  # what nearest-neighbour from the store does
+    assert length([1, 0, 2]) - length(best) > 250
+    # Planned ETAs are the delivery ETA model's along that order (whole seconds, each leg up).
+    etas = route_etas_s(start, [SHOP, *(points[i] for i in best)], Vehicle.scooter, settings)[1:]
+    assert all(0 <= got - want <= 4 for got, want in zip(route.etas_s, etas, strict=True))
+    # The fallback keeps the order it is given and times it the same way.
+    fallback = direct_route(start, SHOP, [drops[i] for i in (1, 0, 2)], Vehicle.scooter, settings)
+    assert (list(fallback.order_ids), fallback.planner) == (nearest, "nearest_neighbour")
+    single = direct_route(start, SHOP, drops[:1], Vehicle.scooter, settings)
+    assert single.planner == "direct" and single.etas_s[0] == math.ceil(
+        route_etas_s(start, [SHOP, points[0]], Vehicle.scooter, settings)[1]
+    )
+
+
+def test_a_what_if_plan_picks_up_every_order_at_the_store_before_its_drop() -> None:
+    from models.routing import queue_problem
+
+    settings = Settings()
+    partners = [
+        ("near", metres(SHOP, 200, 0), Vehicle.scooter),
+        ("far", metres(SHOP, -2500, 0), Vehicle.bicycle),
+    ]
+    orders = [(f"o{i}", metres(SHOP, n, e)) for i, (n, e) in enumerate(DROPS)]
+    p = queue_problem(SHOP, partners, orders, settings)
+    solution = solve(p, HaversineTravelTimes(settings), time_limit_s=LIMIT_S)
+    assert solution.dropped == []
+    for route in solution.routes:
+        seen = [v.stop_id for v in route.visits]
+        for oid in (o for o in seen if not o.startswith("pickup:")):
+            assert seen.index(f"pickup:{oid}") < seen.index(oid)
+        assert max(v.load_after for v in route.visits) <= settings.delivery_batch_max_orders
+    # The near partner takes them all (three fit in one bag).
+    assert [r.vehicle_id for r in solution.routes] == ["near"]

@@ -1,0 +1,170 @@
+"""The route optimizer: a Serve deployment without HTTP routes (bound into the delivery
+application), called through a handle by the fleet shards, to order a batched trip's drops,
+and by the delivery ingress for ops (`POST /delivery/routes/optimize`).
+
+OR-Tools' `SolveWithParameters` holds the GIL for its whole search (measured: a Python thread
+beside a solve ran at 17% of its speed), so no solve runs in the replica. Each replica owns
+`route_optimizer_portfolio` solver actors, processes of their own that live as long as it
+does (warm: a Ray task would start a new worker for most solves, since Ray soon ends idle task
+workers when actors hold the node's worker slots, ~2-3 s each), one solve at a time each. A
+request runs each configuration of the portfolio on its own solver, side by side, and keeps
+the best (`best_solution`); a small problem runs the default configuration on the least busy
+solver. The budget runs from the request's arrival: a solve that waited for its solver searches
+only what is left of it. Replicas, each with its solvers, scale on ongoing requests (serve.yaml;
+on Kubernetes, solvers that do not fit make the Ray autoscaler add a worker pod).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from config.settings import get_settings
+from models.errors import ServiceUnavailable
+from models.routing import (
+    SOLVER_PORTFOLIO,
+    Depot,
+    HaversineTravelTimes,
+    Point,
+    RouteStop,
+    RouteVehicle,
+    RoutingProblem,
+    RoutingSolution,
+    SolverConfig,
+    best_solution,
+    solve,
+)
+
+log = logging.getLogger("vurksha.routing")
+
+APP, DEPLOYMENT = "delivery", "RouteOptimizer"
+# Waiting for a solver beyond the budget: a solver started with the replica is warm within
+# seconds; a warm one answers within milliseconds of its time limit.
+_GRACE_S = 5.0
+# A solve that starts at or past its request's deadline (it waited for its solver) still
+# searches this long: enough for a first solution of a store-sized problem.
+_MIN_SEARCH_S = 0.05
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class _Solver:
+    def __init__(self) -> None:
+        self.travel_times = HaversineTravelTimes(get_settings())
+
+    def solve(self, problem: RoutingProblem, deadline: float, config: SolverConfig) -> RoutingSolution:
+        """One configuration, searching until the request's `deadline` (epoch seconds)."""
+        limit = max(deadline - time.time(), _MIN_SEARCH_S)
+        return solve(problem, self.travel_times, time_limit_s=limit, config=config)
+
+
+class OptimizerFailed(ServiceUnavailable):
+    """No configuration of the portfolio returned a solution in time."""
+
+    code = "route_optimizer_unavailable"
+
+
+@serve.deployment(
+    name=DEPLOYMENT,
+    ray_actor_options={"num_cpus": 0.05},
+    max_ongoing_requests=16,
+    logging_config={"enable_access_log": False},
+)
+class RouteOptimizer:
+    def __init__(self) -> None:
+        self.settings = get_settings()
+        width = self.settings.route_optimizer_portfolio
+        options = cast(Any, _Solver).options(num_cpus=self.settings.route_optimizer_solver_cpus)
+        self._solvers = [options.remote() for _ in range(width)]
+        self._busy = [0] * width
+        # A first solve on each now (process start, imports), not in the first dispatch round.
+        self._warm = [s.solve.remote(_TINY, 0.0, SOLVER_PORTFOLIO[0]) for s in self._solvers]
+
+    def _assign(self, problem: RoutingProblem) -> list[tuple[int, SolverConfig]]:
+        """(solver, configuration) pairs: the whole portfolio on a large problem, else the
+        default configuration on the least busy solver."""
+        if len(problem.stops) > self.settings.route_optimizer_portfolio_min_stops:
+            return list(enumerate(SOLVER_PORTFOLIO[: len(self._solvers)]))
+        return [(self._busy.index(min(self._busy)), SOLVER_PORTFOLIO[0])]
+
+    async def _run(
+        self, index: int, problem: RoutingProblem, deadline: float, config: SolverConfig
+    ) -> RoutingSolution:
+        self._busy[index] += 1
+        try:
+            solution: RoutingSolution = await self._solvers[index].solve.remote(problem, deadline, config)
+            return solution
+        finally:
+            self._busy[index] -= 1
+
+    def _budget(self, time_limit_s: float | None) -> float:
+        """The search time of a request (its own, capped, or the default)."""
+        limit = time_limit_s or self.settings.route_optimizer_time_limit_seconds
+        return min(limit, self.settings.route_optimizer_max_time_limit_seconds)
+
+    async def solve(self, problem: RoutingProblem, time_limit_s: float | None = None) -> RoutingSolution:
+        """Plan `problem` within `time_limit_s` of search (each configuration side by side),
+        returning the best solution found: `stats.time_limit_reached` says whether the clock
+        stopped the search. Raises `OptimizerFailed` if no configuration answered."""
+        limit = self._budget(time_limit_s)
+        deadline = time.time() + limit
+        runs = [asyncio.ensure_future(self._run(i, problem, deadline, c)) for i, c in self._assign(problem)]
+        done, _ = await asyncio.wait(runs, timeout=limit + _GRACE_S)
+        solutions = []
+        for future in done:
+            if future.exception() is None:
+                solutions.append(future.result())
+            else:
+                log.warning("route optimizer: a solve failed", exc_info=future.exception())
+        if not solutions:
+            raise OptimizerFailed(f"no solution within {limit + _GRACE_S:.1f} s")
+        return best_solution(solutions)
+
+    async def ping(self) -> bool:
+        """For callers to set up their handle (its router finds the replicas) before they
+        need an answer in time."""
+        return True
+
+    async def check_health(self) -> None:
+        """Serve's health check: the warm-up solves must have worked (a broken OR-Tools
+        install fails the replica at start, not on the first request)."""
+        if self._warm:
+            await asyncio.gather(*self._warm)
+            self._warm = []
+
+
+_handle: DeploymentHandle | None = None
+
+
+async def optimizer() -> DeploymentHandle:
+    """A handle to the optimizer, from any process of the cluster (replicas, actors). Raises
+    if the delivery application (which binds it) is not running."""
+    global _handle
+    if _handle is None:
+        _handle = await asyncio.to_thread(serve.get_deployment_handle, DEPLOYMENT, APP)
+    return _handle
+
+
+async def warm_up(attempts: int = 30, every_s: float = 2.0) -> bool:
+    """Resolve the handle and reach a replica once (a first call through a new handle waits
+    for its router to learn the replicas, ~1-2 s), retrying while the application starts."""
+    for _ in range(attempts):
+        try:
+            return bool(await (await optimizer()).ping.remote())
+        except Exception:
+            await asyncio.sleep(every_s)
+    log.warning("route optimizer: not reachable after %d attempts", attempts)
+    return False
+
+
+_HERE = Point(lat=12.9716, lng=77.5946)
+_TINY = RoutingProblem(
+    depot=Depot(location=_HERE),
+    vehicles=[RouteVehicle(id="v", capacity=1, shift_end_s=3600)],
+    stops=[RouteStop(id="s", location=_HERE, latest_s=3600)],
+)
