@@ -70,6 +70,7 @@ bench: bench-setup
 	$(BIN)/python -m tests.bench.seed
 	$(BIN)/python -m tests.bench.checkout
 	$(BIN)/python -m tests.bench.tracking
+	$(BIN)/python -m tests.bench.route_service
 	$(BIN)/python -m tests.bench.routes --portfolio
 
 clean:
