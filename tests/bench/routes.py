@@ -69,6 +69,8 @@ SWEEP_FIRST = [
     "PATH_CHEAPEST_ARC",
 ]
 SWEEP_META = ["SIMULATED_ANNEALING", "TABU_SEARCH", "GREEDY_DESCENT"]
+# ... and guided local search's penalty weight on those two (OR-Tools' default is 0.1).
+SWEEP_LAMBDA = [0.2, 0.3, 0.5]
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,6 @@ class Outcome:
     wall_s: float
     cpu_s: float
     note: str = ""
-
-
-def _config(label: str) -> SolverConfig:
-    first, meta = label.split("+")
-    return SolverConfig(first, meta)
 
 
 def _vroom_routes(instance: SolomonInstance, threads: int) -> list[list[int]]:
@@ -136,7 +133,7 @@ def run(task: Task, vroom_threads: int = 2) -> Outcome:
     else:
         assert task.seconds is not None
         result = solve_matrix(
-            solomon_problem(instance), time_limit_s=task.seconds, config=_config(task.solver)
+            solomon_problem(instance), time_limit_s=task.seconds, config=SolverConfig.of(task.solver)
         )
         routes = result.routes if result.found and not result.dropped else None
         note = "" if result.found else f"no solution ({result.stats.status})"
@@ -222,6 +219,9 @@ def sweep(names: list[str], seconds: float, jobs: int, bks: dict[str, tuple[int,
     table = measure([f"{first}+GUIDED_LOCAL_SEARCH" for first in SWEEP_FIRST])
     firsts = [c.split("+")[0] for c in sorted(table, key=lambda c: score(table[c]))[:2]]
     table |= measure([f"{first}+{meta}" for first in firsts for meta in SWEEP_META])
+    table |= measure(
+        [f"{first}+GUIDED_LOCAL_SEARCH+lambda={lam:g}" for first in firsts for lam in SWEEP_LAMBDA]
+    )
     print(f"\nSweep at {seconds:g} s per instance, {len(names)} instances (one thread per config):")
     for c in sorted(table, key=lambda c: score(table[c])):
         row(c, table[c])
