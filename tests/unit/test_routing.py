@@ -20,11 +20,13 @@ from pydantic import ValidationError
 from config.settings import Settings
 from models.delivery_rules import LatLng, Vehicle, haversine_m, travel_s
 from models.routing import (
+    SOLVER_PORTFOLIO,
     DropReason,
     HaversineTravelTimes,
     InfeasibleRoutes,
     RoutingProblem,
     RoutingSolution,
+    SolverConfig,
     check_solomon,
     load_bks,
     load_solomon,
@@ -191,12 +193,14 @@ def random_problem(seed: int) -> RoutingProblem:
 # ---------------------------------------------------------------- optimality and feasibility
 
 
+@pytest.mark.parametrize("config", SOLVER_PORTFOLIO, ids=lambda c: c.metaheuristic)
 @pytest.mark.parametrize("seed", range(8))
-def test_matches_the_exhaustive_optimum(seed: int) -> None:
+def test_matches_the_exhaustive_optimum(seed: int, config: SolverConfig) -> None:
     p = random_problem(seed)
-    solution = solve(p, TIMES, time_limit_s=LIMIT_S)
+    solution = solve(p, TIMES, time_limit_s=LIMIT_S, config=config)
     assert check(p, solution) == brute_force(p)
     assert all(d.reason in DropReason for d in solution.dropped)
+    assert solution.stats.status == "ROUTING_SUCCESS"
 
 
 def test_pickups_come_before_their_drops_and_the_load_holds() -> None:
