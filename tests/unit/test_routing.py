@@ -193,7 +193,7 @@ def random_problem(seed: int) -> RoutingProblem:
 # ---------------------------------------------------------------- optimality and feasibility
 
 
-@pytest.mark.parametrize("config", SOLVER_PORTFOLIO, ids=lambda c: c.metaheuristic)
+@pytest.mark.parametrize("config", SOLVER_PORTFOLIO, ids=lambda c: c.label)
 @pytest.mark.parametrize("seed", range(8))
 def test_matches_the_exhaustive_optimum(seed: int, config: SolverConfig) -> None:
     p = random_problem(seed)
