@@ -246,7 +246,7 @@ class FleetShard:
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._redis: Redis | None = None
         self.dropped: Counter[str] = Counter()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._outgoing: list[str] = []
         self._has_outgoing = asyncio.Event()
         self._optimizer_retry_at = 0.0
@@ -304,12 +304,9 @@ class FleetShard:
                 loop.create_task(self._rounds()),
                 loop.create_task(self._flush_positions()),
                 loop.create_task(self._publisher()),
-                loop.create_task(self._warm_optimizer()),
+                # Dispatch's first batched trip should not wait for the handle's set-up.
+                loop.create_task(routing.warm_up()),
             ]
-
-    async def _warm_optimizer(self) -> None:
-        """Dispatch's first batched trip should not wait for the handle's set-up."""
-        await routing.warm_up()
 
     # ------------------------------------------------------------ loading a store
 

@@ -20,7 +20,7 @@ import secrets
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import (
@@ -53,6 +53,7 @@ from models.delivery_rules import (
     ActiveDelivery,
     DeliveryActor,
     DeliveryStatus,
+    RoutePlanner,
     TripRoute,
     Vehicle,
     check_delivery_transition,
@@ -65,7 +66,7 @@ from models.users import Role, User
 
 D = DeliveryStatus
 OFFER_STATUSES = ("open", "accepted", "declined", "expired", "recalled")
-ROUTE_PLANNERS = ("direct", "optimizer", "nearest_neighbour")
+ROUTE_PLANNERS = get_args(RoutePlanner)
 ACTIVE_SQL = "status IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_DELIVERY)))
 # A wrong PIN this many times locks the handover: ops take over (a guessed PIN is a stolen bag).
 MAX_PIN_ATTEMPTS = 5
@@ -318,7 +319,7 @@ class OfferOut(BaseModel):
     created_at: datetime
     # Seconds from `created_at` until each order is handed over, along the planned route.
     planned_eta_s: list[int]
-    route_planner: Literal["direct", "optimizer", "nearest_neighbour"]
+    route_planner: RoutePlanner
     route_fallback: str | None  # why not the optimizer's order (optimizer_late, _unavailable, ...)
 
 

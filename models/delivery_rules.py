@@ -467,6 +467,10 @@ class Offer:
     cost_s: float  # the partner's travel time to the pickup
 
 
+# Who ordered an offered trip's drops (stored on the offer, CHECKed by the database).
+RoutePlanner = Literal["direct", "optimizer", "nearest_neighbour"]
+
+
 @dataclass(frozen=True, slots=True)
 class TripRoute:
     """An offered trip's drop order and planned ETAs (whole seconds from planning until each
@@ -475,7 +479,7 @@ class TripRoute:
 
     order_ids: tuple[uuid.UUID, ...]
     etas_s: tuple[int, ...]
-    planner: str
+    planner: RoutePlanner
     fallback: str | None = None
 
 
