@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -22,7 +23,11 @@ from jsonschema.exceptions import ValidationError
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 CRDS = K8S / "crds"
-CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+CRD_FILES = {
+    "RayService": "ray.io_rayservices.yaml",
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+}
 
 DASHBOARD_PORT = 8265
 SECRET_MARKERS = ("KEY", "TOKEN", "PEPPER", "PASSWORD", "URL", "SECRET")
@@ -79,13 +84,23 @@ def rayservice() -> Doc:
     return found[0]
 
 
-def cluster_of(rayservice: Doc) -> Doc:
-    return rayservice["spec"]["rayClusterConfig"]
+@pytest.fixture(scope="module")
+def retrain_job() -> Doc:
+    found = [doc for doc in only("RayJob") if doc["metadata"]["name"] == "vurksha-recommender-retrain"]
+    assert len(found) == 1, "k8s/ must hold exactly one RayJob named vurksha-recommender-retrain"
+    return found[0]
 
 
-def groups(rayservice: Doc) -> list[Doc]:
+def cluster_of(doc: Doc) -> Doc:
+    """The RayCluster spec of a RayService (rayClusterConfig), a RayJob (rayClusterSpec) or a
+    RayCluster (its spec)."""
+    spec = doc["spec"]
+    return spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or spec
+
+
+def groups(doc: Doc) -> list[Doc]:
     """Head group first, then every worker group."""
-    cluster = cluster_of(rayservice)
+    cluster = cluster_of(doc)
     return [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
 
 
@@ -185,6 +200,7 @@ def test_k8s_holds_the_expected_documents():
     assert ("redis-gcs.yaml", "Deployment") in kinds
     assert ("redis-gcs.yaml", "Service") in kinds
     assert ("monitoring.yaml", "PodMonitor") in kinds
+    assert ("recommender-retrain.yaml", "RayJob") in kinds
 
 
 @pytest.mark.parametrize("item", DOCS, ids=doc_id)
@@ -370,8 +386,7 @@ def dashboard_exposures(docs: list[tuple[str, Doc]]) -> list[str]:
                 found.append(f"{where}: routes to the Ray head/dashboard")
         elif kind in CRD_FILES:
             spec = doc["spec"]
-            cluster = spec.get("rayClusterConfig", spec)
-            head = cluster.get("headGroupSpec", {})
+            head = cluster_of(doc).get("headGroupSpec", {})
             if head.get("serviceType") in EXPOSED_SERVICE_TYPES:
                 found.append(f"{where}: head Service (with the dashboard) is {head['serviceType']}")
             if head.get("enableIngress"):
@@ -388,7 +403,7 @@ def test_the_dashboard_is_not_exposed_outside_the_cluster():
     assert dashboard_exposures(DOCS) == []
 
 
-def test_dashboard_check_catches_a_nodeport(rayservice):
+def test_dashboard_check_catches_a_nodeport(rayservice, retrain_job):
     nodeport = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -397,8 +412,10 @@ def test_dashboard_check_catches_a_nodeport(rayservice):
     }
     public_head = copy.deepcopy(rayservice)
     cluster_of(public_head)["headGroupSpec"]["serviceType"] = "LoadBalancer"
-    found = dashboard_exposures([("x.yaml", nodeport), ("y.yaml", public_head)])
-    assert len(found) == 2, found
+    public_job = copy.deepcopy(retrain_job)
+    cluster_of(public_job)["headGroupSpec"]["serviceType"] = "NodePort"
+    found = dashboard_exposures([("x.yaml", nodeport), ("y.yaml", public_head), ("z.yaml", public_job)])
+    assert len(found) == 3, found
 
 
 # ------------------------------------------------------------------ secrets
@@ -573,3 +590,71 @@ def test_the_route_optimizer_autoscales_from_one_replica_on_ongoing_requests():
     autoscaling = AutoscalingConfig.model_validate(entry.autoscaling_config)
     assert 1 <= autoscaling.min_replicas < autoscaling.max_replicas
     assert autoscaling.target_ongoing_requests is not None and autoscaling.target_ongoing_requests > 0
+
+
+# ------------------------------------------------------------------ recommender retraining (RayJob)
+
+
+def test_retrain_job_trains_and_promotes_the_recommender(retrain_job):
+    argv = shlex.split(retrain_job["spec"]["entrypoint"])
+    assert argv[:3] == ["vurksha", "recommender", "train"]
+    assert "--promote" in argv
+    assert "--force" not in argv, "a scheduled run must not promote a model worse than production"
+
+
+def test_retrain_job_runs_the_rayservice_image_and_ray_version(rayservice, retrain_job):
+    (image,) = {ray_container(g)["image"] for g in groups(rayservice)}
+    submitter = retrain_job["spec"].get("submitterPodTemplate")
+    containers = [ray_container(g) for g in groups(retrain_job)]
+    containers += submitter["spec"]["containers"] if submitter else []
+    assert {c["image"] for c in containers} == {image}
+    assert cluster_of(retrain_job)["rayVersion"] == cluster_of(rayservice)["rayVersion"]
+
+
+def test_retrain_job_gets_the_same_env_as_the_rayservice(rayservice, retrain_job):
+    """DATABASE_URL and the rest from the same Secret, and the same production settings guard
+    (checked on the RayService's env above) as the app."""
+    for group in groups(retrain_job):
+        assert ray_container(group)["env"] == ray_container(groups(rayservice)[0])["env"]
+
+
+def test_retrain_job_runs_on_its_own_short_lived_cluster(retrain_job):
+    """Not on the serving cluster (no clusterSelector), torn down when the job ends, and bounded
+    in time; the checks KubeRay makes at reconcile time (utils.ValidateRayJobSpec/Metadata)."""
+    name, spec = retrain_job["metadata"]["name"], retrain_job["spec"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47
+    assert "rayClusterSpec" in spec and not spec.get("clusterSelector")
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec.get("ttlSecondsAfterFinished", 0) >= 0
+    assert spec["activeDeadlineSeconds"] > 0
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+    assert not spec.get("suspend")
+    submitter = spec.get("submitterPodTemplate")
+    if submitter:
+        assert submitter["spec"]["restartPolicy"] in ("Never", "OnFailure"), "a Job's pods"
+    for group in groups(retrain_job):
+        start = group.get("rayStartParams", {})
+        assert start.get("num-cpus") != "0", "a head-only cluster must run the training itself"
+        resources = ray_container(group)["resources"]
+        assert resources["requests"]["memory"] == resources["limits"]["memory"]
+        assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "2"
+
+
+@pytest.mark.parametrize(
+    "mutate, where, why",
+    [
+        (_set("spec.schedule", "0 3 * * *"), "spec", "Additional properties are not allowed"),
+        (_set("spec.shutdownAfterJobFinishes", "yes"), "spec.shutdownAfterJobFinishes", "not of type"),
+        (
+            _set("spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.resources.limits.cpu", "two"),
+            "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.resources.limits.cpu",
+            "does not match",
+        ),
+    ],
+    ids=["no-schedule-in-this-release", "wrong-type", "bad-quantity"],
+)
+def test_schema_check_rejects_a_broken_retrain_job(retrain_job, mutate, where, why):
+    broken = copy.deepcopy(retrain_job)
+    mutate(broken)
+    errors = schema_errors(broken)
+    assert any(e.startswith(f"{where}:") and why in e for e in errors), errors
