@@ -200,6 +200,22 @@ class Settings(BaseSettings):
     delivery_trip_route_timeout_seconds: float = Field(default=1.5, gt=0)
     delivery_trip_route_retry_seconds: float = Field(default=30, ge=0)
 
+    # Recommender replicas look for a newly promoted model this often (the registry in
+    # PostgreSQL is the source of truth, so it works wherever ops own the Serve config).
+    recommender_poll_seconds: float = Field(default=2.0, gt=0)
+    # Candidates asked of the model per item shown, before the store's stock filter drops
+    # what it cannot sell now.
+    recommender_oversample: int = Field(default=4, ge=1, le=20)
+    # Served lists are logged (impressions) in batches, at least this often.
+    recommender_impressions_flush_seconds: float = Field(default=1.0, gt=0)
+    # How many order lines of a customer's history (newest first) a request reads.
+    recommender_history_lines: int = Field(default=500, ge=1)
+
+    # Recommender: `promote` refuses a model whose NDCG@10 (time split) is below production's by
+    # more than this, unless forced. Several times the spread between fits that differ only in
+    # their random seed (about 0.002 on Online Retail): noise alone does not block a retrain.
+    recommender_promote_tolerance: float = Field(default=0.01, ge=0)
+
     admin_phone: str = DEV_ADMIN_PHONE
 
     # Seed catalog: the Online Retail Parquet file (default: the copy vendored in

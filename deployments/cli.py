@@ -1,5 +1,5 @@
-"""`vurksha`: run the backend, migrate, seed, handle dead-lettered events, or regenerate the
-OpenAPI document."""
+"""`vurksha`: run the backend, migrate, seed, handle dead-lettered events, train and promote
+recommender models, or regenerate the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         "--simulate", action="store_true", help="once up, run demo traffic (vurksha simulate) until stopped"
     )
     sub.add_parser("simulate", help="demo traffic against a running backend (see --help)", add_help=False)
+    sub.add_parser(
+        "recommender", help="train, evaluate, promote, list or roll back models (see --help)", add_help=False
+    )
     sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     sub.add_parser("seed", help="load seed and demo data (idempotent)")
     dead = sub.add_parser("outbox", help="list dead-lettered outbox events, or requeue them")
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         from pipelines.simulate import main as simulate
 
         sys.exit(simulate(rest))
+    if args.command == "recommender":
+        from pipelines.recommender.cli import main as recommender
+
+        sys.exit(recommender(rest))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     settings = get_settings()

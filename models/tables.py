@@ -1,3 +1,3 @@
 """Imports every module that defines tables, so the metadata is complete (Alembic, tests)."""
 
-from models import delivery, idempotency, orders, outbox, payments, products, users  # noqa: F401
+from models import delivery, idempotency, orders, outbox, payments, products, recommender, users  # noqa: F401
