@@ -16,7 +16,7 @@ from functools import cached_property
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -36,9 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import models.tables  # noqa: F401
 from config.logging import setup_logging
 from config.settings import Settings, get_settings
-from models import idempotency, users
+from models import idempotency, products, users
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
-from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized
+from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized, Unprocessable
 from models.gateway import RazorpayClient, make_gateway
 from models.notifications import SmsProvider, make_sms_provider
 from models.tokens import AccessClaims, TokenService
@@ -400,6 +400,41 @@ async def current_principal(
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+async def optional_principal(
+    request: Request, db: Db, claims: Annotated[AccessClaims | None, RateLimited]
+) -> Principal | None:
+    """The caller when a token is sent (an invalid one is still a 401), else None."""
+    if claims is None and _bearer(request) is None:
+        return None
+    return await current_principal(request, db, claims, None)
+
+
+MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
+
+
+async def browsing_store(
+    request: Request,
+    db: Db,
+    claims: Annotated[AccessClaims | None, RateLimited],
+    store_id: uuid.UUID | None = None,
+    address_id: Annotated[
+        uuid.UUID | None, Query(description="One of your addresses (needs a token); instead of store_id")
+    ] = None,
+) -> uuid.UUID | None:
+    """The store whose stock and prices the caller sees: `store_id`, or the store serving
+    `address_id` (one of the caller's own addresses)."""
+    if store_id is not None and address_id is not None:
+        raise Unprocessable("Give store_id or address_id, not both", code="ambiguous_store")
+    if address_id is None:
+        return store_id
+    principal = await current_principal(request, db, claims, None)
+    store = await products.store_for_address(db, principal.id, address_id)
+    return store.id
+
+
+StoreChoice = Annotated[uuid.UUID | None, Depends(browsing_store)]
 
 
 async def idempotency_key(

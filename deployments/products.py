@@ -11,21 +11,19 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query
 
 from deployments.common import (
     CurrentUser,
     Db,
     Principal,
-    RateLimited,
+    StoreChoice,
     create_api,
-    current_principal,
     require_role,
     serve_builder,
 )
 from models import products
 from models.db import utcnow
-from models.errors import Unprocessable
 from models.products import (
     CategoryIn,
     CategoryOut,
@@ -47,7 +45,6 @@ from models.products import (
     StoreOut,
     StorePatch,
 )
-from models.tokens import AccessClaims
 
 api = create_api(
     "products",
@@ -58,29 +55,6 @@ api = create_api(
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 Limit = Annotated[int, Query(ge=1, le=products.MAX_PAGE, description="Page size, 1..100")]
 Cursor = Annotated[str | None, Query(max_length=1000, description="`next_cursor` of the previous page")]
-
-
-async def browsing_store(
-    request: Request,
-    db: Db,
-    claims: Annotated[AccessClaims | None, RateLimited],
-    store_id: uuid.UUID | None = None,
-    address_id: Annotated[
-        uuid.UUID | None, Query(description="One of your addresses (needs a token); instead of store_id")
-    ] = None,
-) -> uuid.UUID | None:
-    """The store whose stock and prices the caller sees: `store_id`, or the store serving
-    `address_id` (one of the caller's own addresses)."""
-    if store_id is not None and address_id is not None:
-        raise Unprocessable("Give store_id or address_id, not both", code="ambiguous_store")
-    if address_id is None:
-        return store_id
-    principal = await current_principal(request, db, claims, None)
-    store = await products.store_for_address(db, principal.id, address_id)
-    return store.id
-
-
-StoreChoice = Annotated[uuid.UUID | None, Depends(browsing_store)]
 
 
 # ---------------------------------------------------------------- stores

@@ -1,5 +1,7 @@
-"""Seed data: the admin account, demo customers and the catalog (stores, categories, products,
-stock; see pipelines/catalog.py). Idempotent: running it twice changes nothing.
+"""Seed data: the admin account, demo customers, the catalog (stores, categories, products,
+stock; see pipelines/catalog.py), a few hundred demo customers' purchase histories as delivered
+orders (pipelines/history.py) and, when no model is in production yet, a first recommender
+model trained on them and promoted. Idempotent: running it twice changes nothing.
 `python -m pipelines.seed [--parquet PATH]` (or `vurksha seed`)."""
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import logging
 from pathlib import Path
 
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from config.logging import setup_logging
 from config.settings import Settings, get_settings
 from models import users
 from models.db import make_engine, make_sessionmaker
-from pipelines import catalog
+from pipelines import catalog, history
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,24 @@ async def seed(settings: Settings, *, parquet: Path | None = None) -> catalog.Lo
             result = await catalog.load_catalog(
                 session, parquet=source, image_base_url=settings.catalog_image_base_url
             )
-        if result.products_changed or result.inventory_added:
+            orders = await history.import_histories(
+                session, settings, parquet=source, demo_phones=[str(d["phone"]) for d in DEMO_CUSTOMERS]
+            )
+        loaded = (
+            ["stores", "categories", "products", "inventory"]
+            if result.products_changed or result.inventory_added
+            else []
+        )
+        loaded += ["orders", "order_lines", "payments"] if orders else []
+        if loaded:
             # Fresh statistics after a bulk load, or the planner misjudges the search indexes
             # (and GIN pending lists stay unmerged) until autovacuum gets round to it.
             async with engine.connect() as conn:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                await conn.execute(text("VACUUM ANALYZE stores, categories, products, inventory"))
+                await conn.execute(text(f"VACUUM ANALYZE {', '.join(loaded)}"))
+        if orders:
+            log.info("demo purchase histories: %d delivered orders imported", orders)
+        await first_model(engine, settings)
     finally:
         await engine.dispose()
     log.info("seed data in place (admin %s)", settings.admin_phone[:-4] + "****")
@@ -97,6 +111,21 @@ async def seed(settings: Settings, *, parquet: Path | None = None) -> catalog.Lo
         result.seconds,
     )
     return result
+
+
+async def first_model(engine: AsyncEngine, settings: Settings) -> None:
+    """Train and promote a recommender model on the demo histories when none is in production,
+    so the recommendation routes serve ALS results on a fresh start."""
+    from models.recommender import production_version
+    from pipelines import recommender
+
+    async with make_sessionmaker(engine)() as session:
+        if await production_version(session) is not None:
+            return
+    result = await recommender.train_async(
+        source="orders", promote=True, by="seed", progress=False, settings=settings
+    )
+    log.info("recommender: first model v%s trained and promoted", result.version)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Background work on test time scales: payments pending for a second are reconciled, a relay
 # that dies mid-delivery has its events leased back after 5 s...
 os.environ.setdefault("VURKSHA_RECONCILE_AFTER_SECONDS", "1")
+# A promoted recommender model reaches the replicas within half a second.
+os.environ.setdefault("VURKSHA_RECOMMENDER_POLL_SECONDS", "0.5")
 os.environ.setdefault("VURKSHA_OUTBOX_LEASE_SECONDS", "5")
 os.environ.setdefault("VURKSHA_OUTBOX_POLL_SECONDS", "0.5")
 # ...and an event its subscriber keeps refusing is dead-lettered within seconds.
