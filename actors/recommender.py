@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from threadpoolctl import threadpool_limits
 
 from config.settings import get_settings
 from models import recommender
@@ -38,6 +39,9 @@ APP, DEPLOYMENT = "search", "Recommender"
 )
 class Recommender:
     async def __init__(self) -> None:  # type: ignore[misc]  # Serve awaits an async constructor
+        # One BLAS thread: a request's few small products gain nothing from more, and OpenBLAS'
+        # spinning helper threads, descheduled on a busy node, made each one wait ~1 ms.
+        threadpool_limits(1)
         self.settings = get_settings()
         assert self.settings.database_url
         self._engine = make_engine(self.settings.database_url, pool_size=1, max_overflow=1)
