@@ -194,9 +194,7 @@ async def train_async(
         )
         if promote and db is not None and version is not None:
             try:
-                await promote_in(
-                    db, version, by=created_by, force=force, settings=settings, own=session is None
-                )
+                await promote_in(db, version, by=created_by, force=force, settings=settings)
                 result.promoted = True
             except registry.PromotionRefused as refused:
                 result.promotion_refused = refused.message

@@ -1,6 +1,6 @@
 """The registry's flows: promote (refused when the candidate is worse than production by more
 than `settings.recommender_promote_tolerance`, unless forced), roll back, list. Async, with sync
-twins; a caller's session is only flushed, our own is committed."""
+twins; a caller's session is only flushed, our own is committed (`runtime.database`)."""
 
 from __future__ import annotations
 
@@ -38,25 +38,17 @@ def _promotion(row: registry.RecommenderPromotion) -> PromotionOut:
 
 
 async def promote_in(
-    db: AsyncSession, version: int, *, by: str, force: bool, settings: Settings, own: bool
+    db: AsyncSession, version: int, *, by: str, force: bool, settings: Settings
 ) -> PromotionOut:
-    """Promote in `db`; committed (or rolled back on failure) when the session is `own`."""
-    try:
-        row = await registry.promote(
-            db, version, by=by, tolerance=settings.recommender_promote_tolerance, force=force
-        )
-        await db.refresh(row)
-        out = _promotion(row)
-        if own:
-            await db.commit()
-    except Exception:
-        if own:
-            await db.rollback()
-        raise
-    log.info(
-        "promoted v%d (previous: %s) by %s%s", version, out.previous_version, by, " (forced)" if force else ""
+    """Promote in `db` (only flushed: `database` or the caller commits)."""
+    row = await registry.promote(
+        db, version, by=by, tolerance=settings.recommender_promote_tolerance, force=force
     )
-    return out
+    await db.refresh(row)
+    log.info(
+        "promoted v%d (previous: %s) by %s%s", version, row.previous_version, by, " (forced)" if force else ""
+    )
+    return _promotion(row)
 
 
 async def promote_async(
@@ -71,9 +63,7 @@ async def promote_async(
     production's by more than `settings.recommender_promote_tolerance`, unless `force`."""
     settings = settings or get_settings()
     async with database(settings, session) as db:
-        return await promote_in(
-            db, version, by=whoami(by), force=force, settings=settings, own=session is None
-        )
+        return await promote_in(db, version, by=whoami(by), force=force, settings=settings)
 
 
 async def rollback_async(
@@ -82,18 +72,10 @@ async def rollback_async(
     """Return production to the version before the current one."""
     settings = settings or get_settings()
     async with database(settings, session) as db:
-        try:
-            row = await registry.rollback(db, by=whoami(by))
-            await db.refresh(row)
-            out = _promotion(row)
-            if session is None:
-                await db.commit()
-        except Exception:
-            if session is None:
-                await db.rollback()
-            raise
-    log.info("rolled back from v%s to v%d by %s", out.previous_version, out.version, out.by)
-    return out
+        row = await registry.rollback(db, by=whoami(by))
+        await db.refresh(row)
+    log.info("rolled back from v%s to v%d by %s", row.previous_version, row.version, row.promoted_by)
+    return _promotion(row)
 
 
 async def list_models_async(

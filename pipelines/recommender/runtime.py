@@ -98,17 +98,19 @@ def parse_source(source: str) -> DataSource:
 
 @asynccontextmanager
 async def database(settings: Settings, session: AsyncSession | None) -> AsyncIterator[AsyncSession]:
-    """The caller's session, or one on an engine of our own (disposed afterwards)."""
+    """The caller's session (its transaction is the caller's), or one on an engine of our own
+    whose transaction is committed when the block ends and rolled back when it raises
+    (`models.db.transaction`); the engine is disposed afterwards."""
     if session is not None:
         yield session
         return
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is not set (the registry lives in PostgreSQL)")
-    from models.db import make_engine, make_sessionmaker
+    from models.db import make_engine, make_sessionmaker, transaction
 
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
     try:
-        async with make_sessionmaker(engine)() as own:
+        async with transaction(make_sessionmaker(engine)) as own:
             yield own
     finally:
         await engine.dispose()
