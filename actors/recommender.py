@@ -94,10 +94,6 @@ class Recommender:
         scorer = self._scorer
         return Ranked([], [], "popular") if scorer is None else scorer.basket(product_ids, store_id, k)
 
-    async def version(self) -> int | None:
-        scorer = self._scorer
-        return None if scorer is None else scorer.version
-
     async def check_health(self) -> None:
         if self._watcher.done():
             raise RuntimeError("the registry watcher stopped")

@@ -155,8 +155,10 @@ def score(
 
 
 def evaluate_artifact(artifact: ModelArtifact, split: Split, dataset: Dataset, k: int = K) -> Metrics:
-    """Ours only, for a model already fitted on the split's training lines (the search)."""
-    return score("ours", recommend_ours(Scorer(artifact), split, k), split, dataset, k)[0]
+    """Ours only, for a model already fitted on the split's training lines (the search: no
+    long-tail profile, which only the report shows)."""
+    lists = recommend_ours(Scorer(artifact), split, k)
+    return evaluate_lists(lists, split.relevant, dataset.item_ids.tolist(), dataset.popularity, k)
 
 
 def evaluate_split(
