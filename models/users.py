@@ -34,6 +34,7 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     String,
+    bindparam,
     func,
     select,
     text,
@@ -292,6 +293,8 @@ Line = Annotated[Text, StringConstraints(max_length=200)]
 Landmark = Annotated[Text, StringConstraints(max_length=120)]
 City = Annotated[Text, StringConstraints(max_length=100)]
 Pincode = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{5}$")]
+
+
 # Strict: a number, never a numeric string (the documented type is a number).
 def round_coordinate(degrees: float) -> float:
     """Degrees to 7 decimals (about 1 cm): finer is noise, and PostgreSQL's float arithmetic
@@ -626,24 +629,28 @@ async def refresh_tokens(
     return await _issue_pair(session, user, auth_session, tokens, now)
 
 
+# Built once: every authenticated request runs it, and building the statement and its cache
+# key on each call cost ~0.09 ms of CPU.
+_AUTHENTICATE = (
+    select(User)
+    .join(AuthSession, AuthSession.user_id == User.id)
+    .where(
+        AuthSession.id == bindparam("session_id"),
+        User.id == bindparam("user_id"),
+        AuthSession.revoked_at.is_(None),
+        AuthSession.expires_at > bindparam("now"),
+        User.is_active,
+    )
+)
+
+
 async def authenticate(
     session: AsyncSession, *, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime
 ) -> User:
     """Resolve a verified access token to its user, in one query: a revoked session, a
     disabled user or a deleted user all end access at once, not when the token expires."""
-    user = (
-        await session.scalars(
-            select(User)
-            .join(AuthSession, AuthSession.user_id == User.id)
-            .where(
-                AuthSession.id == session_id,
-                User.id == user_id,
-                AuthSession.revoked_at.is_(None),
-                AuthSession.expires_at > now,
-                User.is_active,
-            )
-        )
-    ).one_or_none()
+    params = {"session_id": session_id, "user_id": user_id, "now": now}
+    user = (await session.scalars(_AUTHENTICATE, params)).one_or_none()
     if user is None:
         raise Unauthorized("This session has ended; log in again", code="session_revoked")
     return user
