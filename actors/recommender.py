@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from threadpoolctl import threadpool_limits
 
+from config.loopback import serve_grpc_on_loopback
 from config.settings import get_settings
 from models import recommender
 from models.db import make_engine, make_sessionmaker
@@ -42,6 +43,7 @@ class Recommender:
         # One BLAS thread: a request's few small products gain nothing from more, and OpenBLAS'
         # spinning helper threads, descheduled on a busy node, made each one wait ~1 ms.
         threadpool_limits(1)
+        serve_grpc_on_loopback()
         self.settings = get_settings()
         assert self.settings.database_url
         self._engine = make_engine(self.settings.database_url, pool_size=1, max_overflow=1)

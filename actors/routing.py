@@ -25,6 +25,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from config.loopback import serve_grpc_on_loopback
 from config.settings import get_settings
 from models.errors import ServiceUnavailable
 from models.routing import (
@@ -77,6 +78,7 @@ class OptimizerFailed(ServiceUnavailable):
 )
 class RouteOptimizer:
     def __init__(self) -> None:
+        serve_grpc_on_loopback()
         self.settings = get_settings()
         width = self.settings.route_optimizer_portfolio
         options = cast(Any, _Solver).options(num_cpus=self.settings.route_optimizer_solver_cpus)

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # stores), and the ORM resolves them when it orders a flush.
 import models.tables  # noqa: F401
 from config.logging import setup_logging
+from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
 from models import idempotency, products, users
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
@@ -540,6 +541,7 @@ class _Ingress:
     def __init__(self, *bound: Any) -> None:
         # Deployments bound into the application (`serve_builder(..., bind=...)`) arrive as
         # handles; the routes reach them by name (serve.get_deployment_handle).
+        serve_grpc_on_loopback()
         setup_logging(get_settings().log_level)
         resources()  # fail the replica at start, not on the first request, if config is bad
 
