@@ -210,6 +210,12 @@ class Settings(BaseSettings):
     recommender_impressions_flush_seconds: float = Field(default=1.0, gt=0)
     # How many order lines of a customer's history (newest first) a request reads.
     recommender_history_lines: int = Field(default=500, ge=1)
+    # Each search replica keeps the Recommender's rankings this long (0: not at all), for at most
+    # this many (customer or product, store, size) shapes: a customer back on the same screen
+    # costs no history read and no call to the Recommender, only the stock filter. A "for you"
+    # entry may miss an order delivered since; a promotion empties the cache at once.
+    recommender_cache_seconds: float = Field(default=30.0, ge=0)
+    recommender_cache_entries: int = Field(default=5_000, ge=1)
 
     # Recommender: `promote` refuses a model whose NDCG@10 (time split) is below production's by
     # more than this, unless forced. Several times the spread between fits that differ only in

@@ -3,17 +3,20 @@ autocomplete, and personalized recommendations.
 
 Recommendations: the `Recommender` deployment (bound into this application, see
 actors/recommender.py) ranks candidates with the production model; this ingress reads the
-customer's own history first and keeps, in rank order, what the store can sell now. Every served
+customer's own history first and keeps, in rank order, what the store can sell now. The replica
+reuses a ranking for a while (`_Rankings`); the stock filter runs on every request. Every served
 list is logged (impressions), in batches."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Annotated, Any
 
-from fastapi import Query
+from fastapi import Depends, Header, Query
 
 from actors import carts
 from actors.recommender import Recommender, recommender_handle
@@ -21,7 +24,7 @@ from deployments.common import CurrentUser, Db, MaybeUser, StoreChoice, create_a
 from models import products, recommender, search
 from models.db import transaction, utcnow
 from models.errors import Unprocessable
-from models.recommender import Ranked, Recommendations, Surface
+from models.recommender import Ranked, RankingCache, Recommendations, Surface
 from models.search import SearchPage, SearchParams, Suggestions
 
 log = logging.getLogger("vurksha.search")
@@ -103,6 +106,56 @@ class _Impressions:
 _impressions = _Impressions()
 
 
+class _Rankings:
+    """This replica's `RankingCache`, and the watch that keeps its version the production one
+    (read every `recommender_poll_seconds`, as the Recommender replicas do)."""
+
+    def __init__(self) -> None:
+        self._cache: RankingCache | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def ranked(self, key: Hashable, fresh: bool, rank: Callable[[], Awaitable[Ranked]]) -> Ranked:
+        """The cached ranking for `key`, else (or when the caller asks for a fresh one) `rank()`."""
+        cache = self._started()
+        if not fresh and (hit := cache.get(key, time.monotonic())) is not None:
+            return hit
+        ranked = await rank()
+        cache.put(key, ranked, time.monotonic())
+        return ranked
+
+    def _started(self) -> RankingCache:
+        if self._cache is None:
+            settings = resources().settings
+            self._cache = RankingCache(settings.recommender_cache_seconds, settings.recommender_cache_entries)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._cache))
+        return self._cache
+
+    async def _watch(self, cache: RankingCache) -> None:
+        while True:
+            try:
+                async with resources().sessionmaker() as session:
+                    cache.set_version(await recommender.production_version(session))
+            except Exception:
+                log.warning("recommendations: could not read the production version", exc_info=True)
+            await asyncio.sleep(resources().settings.recommender_poll_seconds)
+
+
+_rankings = _Rankings()
+
+
+async def _fresh(
+    cache_control: Annotated[
+        str | None,
+        Header(description="`no-cache` ranks afresh instead of reusing this replica's recent ranking"),
+    ] = None,
+) -> bool:
+    return "no-cache" in (cache_control or "").lower()
+
+
+Fresh = Annotated[bool, Depends(_fresh)]
+
+
 def _required(store: uuid.UUID | None) -> uuid.UUID:
     if store is None:
         raise Unprocessable("Give store_id or address_id", code="store_required")
@@ -127,32 +180,45 @@ def _candidates(limit: int) -> int:
 
 
 @api.get("/recommendations", response_model=Recommendations, tags=["recommendations"])
-async def for_you(db: Db, viewer: MaybeUser, store: StoreChoice, limit: Limit = 10) -> Recommendations:
+async def for_you(
+    db: Db, viewer: MaybeUser, store: StoreChoice, fresh: Fresh, limit: Limit = 10
+) -> Recommendations:
     """For you: the model's ranking for the signed-in customer, their own regular purchases
     (`buy_again`) among it where they rank, folded in from their delivered orders up to now.
     Without a token, or for a customer with no history the model knows, the store's best
-    sellers (`source: popular`). Only what the store (`store_id` or `address_id`) can sell now."""
+    sellers (`source: popular`). Only what the store (`store_id` or `address_id`) can sell now.
+    The ranking is reused for up to `VURKSHA_RECOMMENDER_CACHE_SECONDS` (so an order delivered
+    since may not show yet; `Cache-Control: no-cache` ranks afresh); the stock filter is not."""
     store_id = _required(store)
-    history = (
-        ([], [], [])
-        if viewer is None
-        else await recommender.history(db, viewer.id, resources().settings.recommender_history_lines)
-    )
-    handle = await recommender_handle()
-    ranked = await handle.for_you.remote(*history, str(store_id), _candidates(limit))
+    k = _candidates(limit)
+
+    async def rank() -> Ranked:
+        history = (
+            ([], [], [])
+            if viewer is None
+            else await recommender.history(db, viewer.id, resources().settings.recommender_history_lines)
+        )
+        return await (await recommender_handle()).for_you.remote(*history, str(store_id), k)
+
+    key = ("for_you", None if viewer is None else viewer.id, store_id, k)
+    ranked = await _rankings.ranked(key, fresh, rank)
     return await _serve(db, store_id, ranked, limit, "for_you", None if viewer is None else viewer.id)
 
 
 @api.get("/recommendations/similar/{product_id}", response_model=Recommendations, tags=["recommendations"])
 async def similar(
-    product_id: uuid.UUID, db: Db, viewer: MaybeUser, store: StoreChoice, limit: Limit = 10
+    product_id: uuid.UUID, db: Db, viewer: MaybeUser, store: StoreChoice, fresh: Fresh, limit: Limit = 10
 ) -> Recommendations:
     """Products like this one (closest by the model's item factors). A product the model does
-    not know yet (new) gets the store's best sellers (`source: popular`)."""
+    not know yet (new) gets the store's best sellers (`source: popular`). The ranking is reused
+    for up to `VURKSHA_RECOMMENDER_CACHE_SECONDS` (`Cache-Control: no-cache` ranks afresh)."""
     store_id = _required(store)
-    ranked = await (await recommender_handle()).similar.remote(
-        str(product_id), str(store_id), _candidates(limit)
-    )
+    k = _candidates(limit)
+
+    async def rank() -> Ranked:
+        return await (await recommender_handle()).similar.remote(str(product_id), str(store_id), k)
+
+    ranked = await _rankings.ranked(("similar", product_id, store_id, k), fresh, rank)
     if ranked.source == "popular":
         await products.get_product(db, product_id)  # 404 for a product that does not exist
     return await _serve(db, store_id, ranked, limit, "similar", None if viewer is None else viewer.id)

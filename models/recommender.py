@@ -23,7 +23,8 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -225,6 +226,48 @@ class Ranked:
     sources: list[Source]
     source: Source
     model_version: int | None = None
+
+
+class RankingCache:
+    """The Recommender's rankings, kept per request shape (a customer's "for you", a product's
+    "similar", at a store, for a size) for `ttl_s` and at most `max_entries` (least recently
+    used first out). An entry is served only while the model that ranked it is the production
+    one (`set_version`), so a promotion or a rollback empties the cache at once. Rankings of no
+    model (the store's best sellers before any promotion) are not kept. Pure: the caller gives
+    the clock."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.version: int | None = None
+        self._entries: OrderedDict[Hashable, tuple[float, Ranked]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def set_version(self, version: int | None) -> None:
+        if version != self.version:
+            self._entries.clear()
+            self.version = version
+
+    def get(self, key: Hashable, now: float) -> Ranked | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, ranked = entry
+        if now >= expires or ranked.model_version != self.version:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return ranked
+
+    def put(self, key: Hashable, ranked: Ranked, now: float) -> None:
+        if self.ttl_s <= 0 or ranked.model_version is None or ranked.model_version != self.version:
+            return
+        self._entries[key] = (now + self.ttl_s, ranked)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
 
 
 @dataclass

@@ -277,6 +277,37 @@ def test_for_you_buys_again_only_from_the_customers_own_orders(
         assert {i["id"] for i in body["items"]} <= sellable
 
 
+def test_for_you_reuses_its_ranking_until_the_customer_asks_for_a_fresh_one(
+    live: Live, shop: Shop, catalog: dict[str, str]
+) -> None:
+    """The search replica keeps a customer's ranking (VURKSHA_RECOMMENDER_CACHE_SECONDS): an order
+    delivered since does not show until it expires, or until `Cache-Control: no-cache`."""
+    version = model_a(live, catalog)
+    promote(live, version)
+    serving(live, version, catalog["p0"], shop.store_a)
+    customer = live.login()
+    delivered_order(live, customer, shop.store_a, catalog["p4"], 3)
+
+    def sources(**headers: str) -> dict[str, str]:
+        r = client.get(
+            "/search/recommendations",
+            params={"store_id": shop.store_a["id"]},
+            headers={**customer.auth, **headers},
+        )
+        assert r.status_code == 200 and r.json()["model_version"] == version
+        return {i["id"]: i["source"] for i in r.json()["items"]}
+
+    with live.client() as client:
+        first = sources()
+        assert sources() == first and first[catalog["p4"]] == "buy_again"
+        assert first.get(catalog["p1"]) != "buy_again"
+        delivered_order(live, customer, shop.store_a, catalog["p1"], 1)
+        assert sources() == first  # the kept ranking
+        fresh = sources(**{"Cache-Control": "no-cache"})
+        assert fresh[catalog["p1"]] == "buy_again" and fresh[catalog["p4"]] == "buy_again"
+        assert sources() == fresh  # the fresh ranking replaced the kept one
+
+
 def test_basket_completes_the_cart_and_impressions_are_logged(
     live: Live, shop: Shop, catalog: dict[str, str]
 ) -> None:

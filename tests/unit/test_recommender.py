@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from threadpoolctl import threadpool_limits
 
-from models.recommender import History, ModelArtifact, ModelParams, Scorer
+from models.recommender import History, ModelArtifact, ModelParams, Ranked, RankingCache, Scorer
 from pipelines.recommender import cli, metrics
 from pipelines.recommender.data import Dataset, Events, build, online_retail_events
 from pipelines.recommender.evaluation import MODELS, evaluate_split, recommend_ours
@@ -356,3 +356,49 @@ def test_parameters_from_config_then_flags(tmp_path: Path) -> None:
     args = cli.parser().parse_args(["train", "--source", "online-retail", "--factors", "8", "--search", "3"])
     assert (args.source, args.factors, args.search, args.promote) == ("online-retail", 8, 3, False)
     assert cli.parser().parse_args(["promote", "4", "--force"]).version == 4
+
+
+def _ranked(version: int | None, *ids: str) -> Ranked:
+    return Ranked(list(ids), ["als"] * len(ids), "als", version)
+
+
+def test_ranking_cache_serves_an_entry_until_it_expires():
+    cache = RankingCache(ttl_s=30, max_entries=10)
+    cache.set_version(3)
+    cache.put("a", _ranked(3, "p1", "p2"), now=100.0)
+    assert cache.get("a", now=129.9) == _ranked(3, "p1", "p2")
+    assert cache.get("a", now=130.0) is None
+    assert len(cache) == 0  # the expired entry is gone, not kept behind
+
+
+def test_ranking_cache_keeps_only_the_production_models_rankings():
+    cache = RankingCache(ttl_s=30, max_entries=10)
+    cache.put("before any version is known", _ranked(3, "p1"), now=0.0)
+    cache.set_version(3)
+    cache.put("of no model", _ranked(None, "p1"), now=0.0)
+    cache.put("of a pinned or older model", _ranked(2, "p1"), now=0.0)
+    assert len(cache) == 0
+    cache.put("a", _ranked(3, "p1"), now=0.0)
+    cache.set_version(3)  # the same version again keeps what is there
+    assert cache.get("a", now=1.0) is not None
+    cache.set_version(4)  # a promotion (or a rollback) empties it at once
+    assert len(cache) == 0 and cache.get("a", now=1.0) is None
+
+
+def test_ranking_cache_drops_the_least_recently_used_beyond_its_size():
+    cache = RankingCache(ttl_s=30, max_entries=2)
+    cache.set_version(1)
+    cache.put("a", _ranked(1, "p1"), now=0.0)
+    cache.put("b", _ranked(1, "p2"), now=0.0)
+    assert cache.get("a", now=1.0) is not None  # "b" is now the least recently used
+    cache.put("c", _ranked(1, "p3"), now=1.0)
+    assert len(cache) == 2
+    assert cache.get("b", now=1.0) is None
+    assert cache.get("a", now=1.0) is not None and cache.get("c", now=1.0) is not None
+
+
+def test_ranking_cache_with_no_lifetime_keeps_nothing():
+    cache = RankingCache(ttl_s=0, max_entries=10)
+    cache.set_version(1)
+    cache.put("a", _ranked(1, "p1"), now=0.0)
+    assert len(cache) == 0
