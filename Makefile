@@ -64,6 +64,7 @@ bench-setup: setup
 ## Benchmarks (not tests): each starts the backend, prints its figures and a baseline ratio.
 ## Ray runs its workers at nice 15; every load generator and floor runs at nice 15 too.
 bench: bench-setup
+	$(BIN)/python -m tests.bench.hot_paths
 	$(BIN)/python -m tests.bench.users_me
 	$(BIN)/python -m tests.bench.carts
 	$(BIN)/python -m tests.bench.search
