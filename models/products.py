@@ -11,9 +11,8 @@ import binascii
 import json
 import re
 import uuid
-from collections.abc import Sequence
 from datetime import datetime, time
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -617,6 +616,10 @@ def _check_prices(mrp_paise: int, price_paise: int, tax_rate_bp: int) -> None:
         raise Unprocessable(detail, code=code)
 
 
+# A row of selected columns, whatever their types (a listing's, a store's stock).
+AnyRow = Row[*tuple[Any, ...]]
+
+
 def _average(rating_sum: int, count: int) -> float | None:
     return round(rating_sum / count, 2) if count else None
 
@@ -626,7 +629,7 @@ def ratings_of(p: Product) -> Ratings:
     return Ratings(average=_average(p.rating_sum, p.rating_count), count=p.rating_count, histogram=hist)
 
 
-def availability_of(store_id: uuid.UUID, inv: Inventory | Row[Any] | None) -> Availability:
+def availability_of(store_id: uuid.UUID, inv: Inventory | AnyRow | None) -> Availability:
     available = (inv.on_hand - inv.reserved) if inv is not None else 0
     in_stock = available > 0
     low = in_stock and inv is not None and available <= inv.low_stock_threshold
@@ -647,7 +650,7 @@ def inventory_out(inv: Inventory) -> InventoryOut:
     )
 
 
-def product_out(p: Product | Row[Any], availability: Availability | None = None) -> ProductOut:
+def product_out(p: Product | AnyRow, availability: Availability | None = None) -> ProductOut:
     """From a product, or a row of the listing's columns (`_LISTED`)."""
     return ProductOut(
         id=p.id,
@@ -933,7 +936,7 @@ async def list_products(
     if cursor is not None:
         name, last = decode_cursor(cursor, 2)
         query = query.where(key > tuple_(literal(name), literal(_cursor_uuid(last))))
-    rows = cast(Sequence[Row[Any]], (await session.execute(query)).all())
+    rows = (await session.execute(query)).all()
     more = len(rows) > limit
     rows = rows[:limit]
     items = [
@@ -959,8 +962,16 @@ async def product_view(
     p = await get_product(session, product_id)
     availability = None
     if store_id is not None:
-        await get_store(session, store_id)
-        availability = availability_of(store_id, await _inventory(session, store_id, product_id))
+        # The store's check and its stock of the product in one round trip, read as a row.
+        stock = and_(Inventory.store_id == Store.id, Inventory.product_id == product_id)
+        row = (
+            await session.execute(
+                select(Store.is_active, *_STOCK).outerjoin(Inventory, stock).where(Store.id == store_id)
+            )
+        ).one_or_none()
+        if row is None or not row.is_active:
+            raise StoreNotFound("No such store")
+        availability = availability_of(store_id, row if row.on_hand is not None else None)
     return product_detail(p, availability)
 
 
