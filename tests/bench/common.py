@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,12 +103,16 @@ end
 def _lua(value: str | None) -> str:
     if value is None:
         return "nil"
-    return '"' + "".join(
-        chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b}" for b in value.encode()
-    ) + '"'
+    return (
+        '"'
+        + "".join(chr(b) if 32 <= b < 127 and chr(b) not in '"\\' else f"\\{b}" for b in value.encode())
+        + '"'
+    )
 
 
-def wrk(requests: Sequence[WrkRequest], seconds: float, concurrency: int, threads: int = 2) -> dict[str, float]:
+def wrk(
+    requests: Sequence[WrkRequest], seconds: float, concurrency: int, threads: int = 2
+) -> dict[str, float]:
     """Run Debian's compiled `wrk` at Ray's workers' niceness against one host, cycling through
     `requests` (each thread starts half-way apart); a status of 400 or more, or a socket error,
     counts as an error. Returns the same figures as `summary`."""
@@ -121,7 +126,9 @@ def wrk(requests: Sequence[WrkRequest], seconds: float, concurrency: int, thread
         assert url.startswith(target.group(1)), "wrk runs against one host"
         fields = dict(headers) | ({"Content-Type": "application/json"} if body is not None else {})
         lua_headers = "{" + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in fields.items()) + "}"
-        specs.append(f"{{{_lua(method)}, {_lua(url[len(target.group(1)):] or '/')}, {lua_headers}, {_lua(body)}}}")
+        specs.append(
+            f"{{{_lua(method)}, {_lua(url[len(target.group(1)) :] or '/')}, {lua_headers}, {_lua(body)}}}"
+        )
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write("specs = {\n" + ",\n".join(specs) + "\n}\n" + _WRK_SCRIPT)
         script.flush()
@@ -177,3 +184,27 @@ def login(base: str, phone: str = "+919000000777") -> str:
         )
         tokens.raise_for_status()
         return str(tokens.json()["access_token"])
+
+
+def known_customers(n: int) -> list[str]:
+    """Phones of `n` customers the seed gave a purchase history (the demo customers first, then
+    the imported Online Retail histories): customers the recommender knows."""
+    from pipelines.history import history_phone
+    from pipelines.seed import DEMO_CUSTOMERS
+
+    phones = [str(d["phone"]) for d in DEMO_CUSTOMERS][:n]
+    return phones + [history_phone(i) for i in range(len(phones), n)]
+
+
+async def their_stores(session: Any, phones: Sequence[str]) -> dict[str, str]:
+    """Each customer's store: the store of their latest order."""
+    from sqlalchemy import text
+
+    rows = await session.execute(
+        text(
+            "SELECT DISTINCT ON (u.phone) u.phone, o.store_id::text FROM users u"
+            " JOIN orders o ON o.user_id = u.id WHERE u.phone = ANY(:p) ORDER BY u.phone, o.created_at DESC"
+        ),
+        {"p": list(phones)},
+    )
+    return {phone: store for phone, store in rows}

@@ -18,7 +18,16 @@ from collections import Counter
 
 import psutil
 
-from tests.bench.common import at_bench_niceness, bench_arguments, bench_environment, login, report, wrk
+from tests.bench.common import (
+    at_bench_niceness,
+    bench_arguments,
+    bench_environment,
+    known_customers,
+    login,
+    report,
+    their_stores,
+    wrk,
+)
 
 CUSTOMERS = 16
 
@@ -53,28 +62,17 @@ def main() -> None:
 
     from deployments.launcher import backend
     from models.db import make_engine, make_sessionmaker
-    from pipelines.history import history_phone
-    from pipelines.seed import DEMO_CUSTOMERS
 
     with backend(reset=True) as settings:
         assert settings.database_url
         base = f"http://{settings.http_host}:{settings.http_port}"
-        phones = [str(d["phone"]) for d in DEMO_CUSTOMERS]
-        phones += [history_phone(i) for i in range(len(phones), CUSTOMERS)]
+        phones = known_customers(CUSTOMERS)
 
         async def facts() -> tuple[dict[str, str], str]:
             engine = make_engine(settings.database_url or "", pool_size=1, max_overflow=0)
             try:
                 async with make_sessionmaker(engine)() as session:
-                    rows = await session.execute(
-                        text(
-                            "SELECT DISTINCT ON (u.phone) u.phone, o.store_id::text FROM users u"
-                            " JOIN orders o ON o.user_id = u.id WHERE u.phone = ANY(:p)"
-                            " ORDER BY u.phone, o.created_at DESC"
-                        ),
-                        {"p": phones},
-                    )
-                    stores = {phone: store for phone, store in rows}
+                    stores = await their_stores(session, phones)
                     product = await session.scalar(
                         text("SELECT id::text FROM products WHERE is_active ORDER BY sku LIMIT 1")
                     )

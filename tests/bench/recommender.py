@@ -61,7 +61,15 @@ def serving_latency(seconds: float, concurrency: int, customers: int = 16) -> No
     known customer."""
     import asyncio
 
-    from tests.bench.common import at_bench_niceness, bench_environment, login, report, wrk
+    from tests.bench.common import (
+        at_bench_niceness,
+        bench_environment,
+        known_customers,
+        login,
+        report,
+        their_stores,
+        wrk,
+    )
 
     bench_environment()
     from sqlalchemy import text
@@ -69,14 +77,11 @@ def serving_latency(seconds: float, concurrency: int, customers: int = 16) -> No
     from deployments.launcher import backend
     from models import recommender as registry
     from models.db import make_engine, make_sessionmaker
-    from pipelines.history import history_phone
-    from pipelines.seed import DEMO_CUSTOMERS
 
     with backend(reset=True) as settings:
         assert settings.database_url
         base = f"http://{settings.http_host}:{settings.http_port}"
-        phones = [str(d["phone"]) for d in DEMO_CUSTOMERS]
-        phones += [history_phone(i) for i in range(len(phones), customers)]
+        phones = known_customers(customers)
 
         async def facts() -> tuple[
             dict[str, str], registry.Scorer, list[tuple[list[str], list[int], list[float]]]
@@ -84,16 +89,7 @@ def serving_latency(seconds: float, concurrency: int, customers: int = 16) -> No
             engine = make_engine(settings.database_url or "", pool_size=1, max_overflow=0)
             try:
                 async with make_sessionmaker(engine)() as session:
-                    stores = {
-                        phone: str(store)
-                        for phone, store in await session.execute(
-                            text(
-                                "SELECT DISTINCT ON (u.phone) u.phone, o.store_id FROM users u"
-                                " JOIN orders o ON o.user_id = u.id WHERE u.phone = ANY(:p) ORDER BY u.phone, o.created_at DESC"
-                            ),
-                            {"p": phones},
-                        )
-                    }
+                    stores = await their_stores(session, phones)
                     version = await registry.production_version(session)
                     assert version is not None, "the seed promotes a first model"
                     scorer = registry.Scorer(
