@@ -255,7 +255,7 @@ class RankingCache:
         if entry is None:
             return None
         expires, ranked = entry
-        if now >= expires or ranked.model_version != self.version:
+        if now >= expires:  # its version is the current one: `put` and `set_version` see to that
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
