@@ -144,3 +144,37 @@ def test_dev_key_is_generated_once_and_reused(tmp_path):
     first, second = TokenService.from_settings(settings), TokenService.from_settings(settings)
     assert first.kid == second.kid
     assert (tmp_path / "jwt" / "ed25519.pem").stat().st_mode & 0o077 == 0
+
+
+def test_a_token_verified_before_still_expires(monkeypatch):
+    svc = service()
+    token = issue(svc)
+    exp = svc.verify(token).exp
+    assert svc.verify(token).exp == exp  # served from the per-process cache
+    monkeypatch.setattr("models.tokens.time.time", lambda: float(exp))
+    with pytest.raises(Unauthorized) as err:
+        svc.verify(token)
+    assert err.value.code == "token_expired"
+
+
+def test_a_verified_token_does_not_vouch_for_a_tampered_copy():
+    svc = service()
+    token = issue(svc)
+    svc.verify(token)
+    head, body, sig = token.split(".")
+    forged_body = b64({**json.loads(base64.urlsafe_b64decode(body + "==")), "role": "admin"})
+    flipped = sig[:10] + ("B" if sig[10] == "A" else "A") + sig[11:]
+    for forged in (f"{head}.{forged_body}.{sig}", f"{head}.{body}.{flipped}"):
+        with pytest.raises(Unauthorized) as err:
+            svc.verify(forged)
+        assert err.value.code == "invalid_token"
+
+
+def test_the_verified_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr("models.tokens.VERIFIED_CACHE_SIZE", 3)
+    svc = service()
+    tokens = [issue(svc) for _ in range(5)]
+    for token in tokens:
+        svc.verify(token)
+    assert list(svc._verified) == tokens[2:]  # the oldest went first
+    assert svc.verify(tokens[0]).sub  # and is simply verified again
