@@ -4,8 +4,14 @@ Everything runs in PostgreSQL over the catalog tables of `models.products`:
 - full-text: `products.search_vector` (name A > brand B > category C > description D, English
   stemming, GIN index), queried with `websearch_to_tsquery` OR a prefix query on the words the
   user typed, so "banan" already matches "bananas";
-- typo tolerance: `pg_trgm` word similarity (`<%`, GIN trigram indexes on name and brand), so
-  "bananna" finds bananas too; fuzzy-only hits always rank below full-text hits;
+- typos (Meilisearch's default rules): each word of the query that is not a word of the
+  catalog (`search_words`, kept by triggers on products) is corrected to the catalog word at
+  the smallest edit distance (letters dropped, added, replaced or two swapped; one edit from
+  5 letters, two from 9, the first letter kept), or split in two catalog words ("lunchbox");
+  two adjacent words may also be one catalog word ("space boy"). The corrected query is a
+  third full-text arm whose hits rank below those of the words as typed;
+- near misses: `pg_trgm` word similarity (`<%`, GIN trigram indexes on name and brand), so
+  "bananna" finds bananas too; these fuzzy-only hits always rank below full-text hits;
 - facets (category, brand, price band) are counted over the same filtered result set as the
   total, in the same statement, so they always add up to it.
 
@@ -20,10 +26,12 @@ import binascii
 import enum
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
@@ -44,6 +52,15 @@ AUTOCOMPLETE_MAX_LENGTH = 50
 AUTOCOMPLETE_CACHE_TTL_SECONDS = 30
 # Trigram matching on one or two characters matches nearly everything: fuzzy needs three.
 FUZZY_MIN_LENGTH = 3
+# Typo tolerance, as Meilisearch's defaults: one edit in words of 5-8 letters, two from 9.
+ONE_TYPO_MIN_LENGTH = 5
+TWO_TYPOS_MIN_LENGTH = 9
+# The budget is that of the word meant: a 5-letter word with a letter dropped has 4 left.
+CORRECTABLE_MIN_LENGTH = ONE_TYPO_MIN_LENGTH - 1
+# A word split in two (or two words joined) only from parts of this many letters.
+SPLIT_MIN_PART = 3
+# Catalog words considered per query word, nearest by trigram distance first.
+TYPO_CANDIDATES = 20
 
 # Price bands in paise: [0, 50), [50, 100), [100, 200), [200, 500), [500, ∞) rupees.
 # `width_bucket(price, PRICE_BAND_EDGES)` numbers them 0..4.
@@ -122,7 +139,10 @@ class SearchHit(BaseModel):
     currency: str
     rating_average: float | None = Field(description="Mean rating 1-5, null when unrated")
     rating_count: int
-    match: str = Field(description="`text` (full-text match) or `fuzzy` (typo-tolerant match only)")
+    match: str = Field(
+        description="`text` (full-text match of the words as typed), `typo` (of the query with its typos"
+        " corrected or words split/joined) or `fuzzy` (trigram similarity only)"
+    )
     available: int | None = Field(description="Units the store can sell now; null without store_id")
 
 
@@ -152,6 +172,11 @@ class SearchPage(BaseModel):
     total: int = Field(description="Products matching the query and filters (all pages)")
     items: list[SearchHit]
     facets: Facets = Field(description="Counts over the whole filtered result set; each sums to total")
+    corrected_q: str | None = Field(
+        default=None,
+        description="The query with the words that are not in the catalog corrected (`choclate` is"
+        " `chocolate`, `lunchbox` is `lunch box`), when one was; its matches rank after exact ones",
+    )
     next_cursor: str | None
 
 
@@ -197,6 +222,135 @@ def price_bands() -> list[tuple[str, int, int | None]]:
         (f"{low // 100}-{high // 100}" if high is not None else f"{low // 100}+", low, high)
         for low, high in zip(lows, highs, strict=True)
     ]
+
+
+# ---------------------------------------------------------------- typos
+
+
+def allowed_typos(word: str) -> int:
+    if len(word) >= TWO_TYPOS_MIN_LENGTH:
+        return 2
+    return 1 if len(word) >= ONE_TYPO_MIN_LENGTH else 0
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: a letter dropped, added or replaced, or two adjacent
+    letters swapped, each count one edit."""
+    before: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], before[j - 2] + 1)
+        before, previous = previous, current
+    return previous[-1]
+
+
+def _splits(word: str) -> list[tuple[str, str]]:
+    if not word.isalpha():
+        return []
+    return [(word[:i], word[i:]) for i in range(SPLIT_MIN_PART, len(word) - SPLIT_MIN_PART + 1)]
+
+
+# Which of the given words are catalog words (and in how many active products).
+KNOWN_WORDS_SQL = """
+SELECT word, products FROM search_words WHERE word = ANY(CAST(:words AS text[])) AND products > 0
+"""
+
+# For each misspelt word, the catalog words that start with its letter, nearest by trigram
+# distance (a GiST KNN scan); the edit distance itself is then computed on these few.
+NEAREST_WORDS_SQL = """
+SELECT t.term, c.word, c.products FROM unnest(CAST(:terms AS text[])) AS t(term)
+CROSS JOIN LATERAL (
+    SELECT w.word, w.products FROM search_words AS w
+    WHERE w.products > 0 AND left(w.word, 1) = left(t.term, 1)
+    ORDER BY w.word <-> t.term
+    LIMIT :candidates
+) AS c
+"""
+
+
+@dataclass(frozen=True)
+class Correction:
+    tsquery: str  # the typo-tolerant full-text arm (to_tsquery syntax; words are [^\W_]+)
+    text: str | None  # the query as corrected, when a word of it was not a catalog word
+
+
+def _corrections(word: str, nearest: list[tuple[str, int]]) -> list[str]:
+    """The catalog words nearest to `word` within its typo budget, which is that of the longer
+    of the two words (the shopper meant the catalog word: "sugr" is "sugar" with a letter
+    dropped), most common first; all of them, when several are as near ("chian": china, chain)."""
+    found: list[tuple[int, int, str]] = []
+    for candidate, products in nearest:
+        limit = allowed_typos(max(word, candidate, key=len))
+        if abs(len(candidate) - len(word)) <= limit and (d := edit_distance(word, candidate)) <= limit:
+            found.append((d, -products, candidate))
+    found.sort()
+    return [candidate for d, _, candidate in found if d == found[0][0]]
+
+
+async def correct_typos(session: AsyncSession, q: str) -> Correction | None:
+    """The typo-tolerant reading of `q` (see the module's docstring), or None when nothing in
+    it is a typo, a split or a join of catalog words. Quotes, exclusions and OR mean the user
+    wants exactly that: no correction then."""
+    words = [w.lower() for w in _WORD.findall(q)]
+    if not words or _WEBSEARCH_SYNTAX.search(q):
+        return None
+    joins = [a + b for a, b in itertools.pairwise(words)]
+    asked = {*words, *joins, *(part for w in words for pair in _splits(w) for part in pair)}
+    if len(words) == 1 and len(words[0]) < CORRECTABLE_MIN_LENGTH:
+        return None
+    rows = await session.execute(text(KNOWN_WORDS_SQL), {"words": sorted(asked)})
+    known = {r.word: r.products for r in rows}
+    misspelt = sorted(
+        {w for w in words if w not in known and w.isalpha() and len(w) >= ONE_TYPO_MIN_LENGTH - 1}
+    )
+    nearest: dict[str, list[tuple[str, int]]] = {w: [] for w in misspelt}
+    if misspelt:
+        rows = await session.execute(
+            text(NEAREST_WORDS_SQL), {"terms": misspelt, "candidates": TYPO_CANDIDATES}
+        )
+        for r in rows:
+            nearest[r.term].append((r.word, r.products))
+
+    clauses: list[str] = []  # one per word: the word as typed or what it may have meant
+    shown: list[str] = []
+    changed = corrected = False
+    for i, word in enumerate(words):
+        typed = word + ":*" if i == len(words) - 1 else word
+        alternatives = [typed]
+        if word not in known:
+            corrections = _corrections(word, nearest.get(word, []))
+            split = max(
+                (pair for pair in _splits(word) if pair[0] in known and pair[1] in known),
+                key=lambda pair: min(known[pair[0]], known[pair[1]]),
+                default=None,
+            )
+            alternatives += corrections
+            if split is not None:
+                alternatives.append(f"({split[0]} & {split[1]})")
+            shown.append(corrections[0] if corrections else " ".join(split) if split else word)
+            corrected = corrected or len(alternatives) > 1
+        else:
+            shown.append(word)
+        changed = changed or len(alternatives) > 1
+        clauses.append("(" + " | ".join(alternatives) + ")")
+    # Two adjacent words that the catalog writes as one ("space boy"): either reading.
+    merged: list[str] = []
+    i = 0
+    while i < len(words):
+        if i < len(joins) and joins[i] in known and min(len(words[i]), len(words[i + 1])) >= SPLIT_MIN_PART:
+            merged.append(f"(({clauses[i]} & {clauses[i + 1]}) | {joins[i]})")
+            changed = True
+            i += 2
+        else:
+            merged.append(clauses[i])
+            i += 1
+    if not changed:
+        return None
+    return Correction(tsquery=" & ".join(merged), text=" ".join(shown) if corrected else None)
 
 
 # ---------------------------------------------------------------- cursors
@@ -265,16 +419,19 @@ def decode_cursor(secret: str, params: SearchParams, cursor: str) -> _CursorBody
 # condition for every sort: price ascending sorts by the negated price.
 #
 # Relevance score: tier 2 when the name matches the full-text query, 1 when another field
-# does, plus 0.5 * ts_rank_cd (shorter documents favoured, scaled into [0, 1)); a fuzzy-only
-# hit scores 0.49 * its trigram word similarity to name or brand (computed only for those
-# rows: it is the expensive part). Tiers never overlap, so text matches always rank above
-# fuzzy ones and name matches above brand/category/description-only ones.
+# does, plus 0.5 * ts_rank_cd (shorter documents favoured, scaled into [0, 1)); a hit of the
+# typo-corrected query only (`:typo`, see correct_typos) scores 0.5 + 0.45 * its rank; a
+# fuzzy-only hit scores 0.49 * its trigram word similarity to name or brand (computed only
+# for those rows: it is the expensive part). Tiers never overlap, so the words as typed
+# always rank above corrected ones, those above fuzzy ones, and name matches above
+# brand/category/description-only ones.
 SEARCH_SQL = """
 WITH tsq AS (SELECT (CASE WHEN CAST(:prefix AS text) IS NULL
         THEN websearch_to_tsquery('english', :q)
-        ELSE websearch_to_tsquery('english', :q) || to_tsquery('english', :prefix) END) AS query),
+        ELSE websearch_to_tsquery('english', :q) || to_tsquery('english', :prefix) END) AS query,
+    to_tsquery('english', CAST(:typo AS text)) AS typo_query),
 matched AS MATERIALIZED (
-    SELECT p.id, p.category_id, p.brand, p.price_paise, p.rating_count, m.fts, i.available,
+    SELECT p.id, p.category_id, p.brand, p.price_paise, p.rating_count, m.fts, m.typo, i.available,
         CASE CAST(:sort AS text)
             WHEN 'price_asc' THEN -p.price_paise::float8
             WHEN 'price_desc' THEN p.price_paise::float8
@@ -282,6 +439,7 @@ matched AS MATERIALIZED (
             ELSE CASE WHEN m.fts THEN
                     (CASE WHEN ts_filter(p.search_vector, '{a}') @@ tsq.query THEN 2 ELSE 1 END)
                     + 0.5 * ts_rank_cd(p.search_vector, tsq.query, 1 | 32)::float8
+                WHEN m.typo THEN 0.5 + 0.45 * ts_rank_cd(p.search_vector, tsq.typo_query, 1 | 32)::float8
                 ELSE 0.49 * greatest(
                     word_similarity(:q, p.name), word_similarity(:q, coalesce(p.brand, ''))
                 )::float8 END
@@ -289,7 +447,8 @@ matched AS MATERIALIZED (
         p.rating_count::float8 AS k2
     FROM products AS p
     CROSS JOIN tsq
-    CROSS JOIN LATERAL (SELECT coalesce(p.search_vector @@ tsq.query, false) AS fts) AS m
+    CROSS JOIN LATERAL (SELECT coalesce(p.search_vector @@ tsq.query, false) AS fts,
+        coalesce(p.search_vector @@ tsq.typo_query, false) AS typo) AS m
     LEFT JOIN LATERAL (
         SELECT inv.on_hand - inv.reserved AS available FROM inventory AS inv
         WHERE inv.store_id = CAST(:store_id AS uuid) AND inv.product_id = p.id
@@ -298,6 +457,8 @@ matched AS MATERIALIZED (
         AND (p.search_vector @@ (CASE WHEN CAST(:prefix AS text) IS NULL
         THEN websearch_to_tsquery('english', :q)
         ELSE websearch_to_tsquery('english', :q) || to_tsquery('english', :prefix) END)
+             OR (CAST(:typo AS text) IS NOT NULL
+                 AND p.search_vector @@ to_tsquery('english', CAST(:typo AS text)))
              OR (CAST(:fuzzy AS boolean) AND (:q <% p.name OR :q <% p.brand)))
         AND (CAST(:categories AS uuid[]) IS NULL OR p.category_id = ANY(CAST(:categories AS uuid[])))
         AND (CAST(:brand AS text) IS NULL OR lower(p.brand) = lower(:brand))
@@ -331,7 +492,7 @@ SELECT
                 'category', json_build_object('id', c.id, 'slug', c.slug, 'name', c.name),
                 'mrp_paise', p.mrp_paise, 'price_paise', p.price_paise, 'currency', p.currency,
                 'rating_count', p.rating_count, 'rating_sum', p.rating_sum,
-                'fts', pg.fts, 'available', pg.available
+                'fts', pg.fts, 'typo', pg.typo, 'available', pg.available
             ) ORDER BY pg.k1 DESC, pg.k2 DESC, pg.id DESC), '[]')
         FROM page AS pg
         JOIN products AS p ON p.id = pg.id
@@ -411,12 +572,16 @@ async def _check_store(session: AsyncSession, store_id: uuid.UUID) -> None:
 
 
 def search_sql_params(
-    params: SearchParams, categories: list[uuid.UUID] | None, after: _CursorBody | None
+    params: SearchParams,
+    categories: list[uuid.UUID] | None,
+    after: _CursorBody | None,
+    correction: Correction | None = None,
 ) -> dict[str, Any]:
     """The bound parameters of SEARCH_SQL (the benchmark runs the same statement directly)."""
     return {
         "q": params.q,
         "prefix": prefix_tsquery(params.q),
+        "typo": correction.tsquery if correction else None,
         # Quotes, exclusions and OR mean the user wants exactly that: no near misses.
         "fuzzy": len(params.q) >= FUZZY_MIN_LENGTH and not _WEBSEARCH_SYNTAX.search(params.q),
         "sort": params.sort.value,
@@ -462,7 +627,10 @@ async def search(session: AsyncSession, params: SearchParams, *, cursor_secret: 
             next_cursor=None,
         )
 
-    (row,) = await _run_on_indexes(session, SEARCH_SQL, search_sql_params(params, categories, after))
+    correction = await correct_typos(session, params.q)
+    (row,) = await _run_on_indexes(
+        session, SEARCH_SQL, search_sql_params(params, categories, after, correction)
+    )
     rows = _loads(row.items)
     has_more = len(rows) > params.limit
     rows = rows[: params.limit]
@@ -480,7 +648,7 @@ async def search(session: AsyncSession, params: SearchParams, *, cursor_secret: 
             currency=r["currency"],
             rating_average=round(r["rating_sum"] / r["rating_count"], 2) if r["rating_count"] else None,
             rating_count=r["rating_count"],
-            match="text" if r["fts"] else "fuzzy",
+            match="text" if r["fts"] else "typo" if r["typo"] else "fuzzy",
             available=max(r["available"], 0)
             if r["available"] is not None
             else (0 if params.store_id else None),
@@ -503,6 +671,7 @@ async def search(session: AsyncSession, params: SearchParams, *, cursor_secret: 
                 for i, (key, lo, hi) in enumerate(bands)
             ],
         ),
+        corrected_q=correction.text if correction else None,
         next_cursor=next_cursor,
     )
 

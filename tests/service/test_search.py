@@ -7,6 +7,7 @@ hold with or without the seeded catalog around them."""
 from __future__ import annotations
 
 import base64
+import random
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -213,6 +214,154 @@ def test_query_syntax_is_data_not_sql(client: httpx.Client, catalog: Catalog) ->
         "Tropical Smoothie",
     }
     assert search(client, q="%%%", category=catalog.root)["total"] == 0
+
+
+# ---------------------------------------------------------------- typos (Meilisearch's rules)
+
+
+@dataclass
+class Words:
+    """Made-up words only this run's typo products carry, so no other catalog word is near."""
+
+    root: str  # category slug
+    w4: str  # 4 letters: no typo allowed
+    w8: str  # 5-8 letters: one typo
+    w10: str  # 9 letters and more: two typos
+    left: str  # "<left> <right>" is one product's name: "<left><right>" is a split away
+    right: str
+    head: str  # "<head><tail>" is one word of a name: "<head> <tail>" is a join away
+    tail: str
+
+
+def _word(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(n))[:n]
+
+
+@pytest.fixture(scope="module")
+def words(live: Live) -> Words:
+    rng = random.Random(secrets.token_hex(8))
+    w = Words(
+        root=f"typo-{secrets.token_hex(4)}",
+        w4=_word(rng, 4),
+        w8=_word(rng, 8),
+        w10=_word(rng, 10),
+        left=_word(rng, 5),
+        right=_word(rng, 5),
+        head=_word(rng, 5),
+        tail=_word(rng, 4),
+    )
+    category = uuid.uuid4()
+    _insert(live, "categories", [{"id": category, "parent_id": None, "slug": w.root, "name": "Typo test"}])
+    specs = [
+        (f"{w.w4.title()} Tea", ""),
+        (f"{w.w8.title()} Snack", ""),
+        (f"{w.w10.title()} Drink", ""),
+        (f"{w.left.title()} {w.right.title()}", ""),
+        (f"{(w.head + w.tail).title()} Mug", ""),
+        # The misspelling itself written in a description: a match of the words as typed.
+        ("Notebook", f"Misprinted {_edits(w.w8)['dropped']} edition"),
+    ]
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "sku": f"T{w.root[-8:]}{n}",
+            "name": name,
+            "description": description,
+            "category_id": category,
+            "mrp_paise": 1_000,
+            "price_paise": 1_000,
+        }
+        for n, (name, description) in enumerate(specs)
+    ]
+    _insert(live, "products", rows)
+    live.sql(SEARCH_DOCUMENT_SQL, ids=[r["id"] for r in rows])
+    return w
+
+
+def _edits(word: str) -> dict[str, str]:
+    """One edit of each kind, never at the first letter."""
+    other = "y" if word[3] != "y" else "w"
+    return {
+        "dropped": word[:3] + word[4:],
+        "added": word[:3] + other + word[3:],
+        "replaced": word[:3] + other + word[4:],
+        "swapped": word[:2] + word[3] + word[2] + word[4:],
+    }
+
+
+@pytest.mark.parametrize("kind", ["dropped", "added", "replaced", "swapped"])
+def test_one_typo_in_a_word_of_five_to_eight_letters_is_forgiven(
+    client: httpx.Client, words: Words, kind: str
+) -> None:
+    body = search(client, q=_edits(words.w8)[kind], category=words.root)
+    assert f"{words.w8.title()} Snack" in names(body)
+    assert body["corrected_q"] == words.w8
+    assert {i["name"]: i["match"] for i in body["items"]}[f"{words.w8.title()} Snack"] == "typo"
+
+
+def _no_typo_match(body: dict[str, Any]) -> bool:
+    return body["corrected_q"] is None and all(i["match"] != "typo" for i in body["items"])
+
+
+def _twice(word: str) -> str:
+    """Two edits: the fourth letter replaced, the seventh dropped."""
+    return word[:3] + ("y" if word[3] != "y" else "w") + word[4:6] + word[7:]
+
+
+def test_two_typos_only_from_nine_letters(client: httpx.Client, words: Words) -> None:
+    body = search(client, q=_twice(words.w10), category=words.root)
+    assert names(body) == [f"{words.w10.title()} Drink"] and body["corrected_q"] == words.w10
+    assert _no_typo_match(search(client, q=_twice(words.w8), category=words.root))
+
+
+def test_no_typo_in_the_first_letter_nor_in_short_words(client: httpx.Client, words: Words) -> None:
+    first = ("k" if words.w8[0] != "k" else "m") + words.w8[1:]
+    assert _no_typo_match(search(client, q=first, category=words.root))
+    short = words.w4[:2] + ("y" if words.w4[2] != "y" else "w") + words.w4[3:]
+    body = search(client, q=short, category=words.root)
+    assert _no_typo_match(body) and f"{words.w4.title()} Tea" not in names(body)
+
+
+def test_joined_and_split_words(client: httpx.Client, words: Words) -> None:
+    joined = search(client, q=words.left + words.right, category=words.root)
+    assert names(joined) == [f"{words.left.title()} {words.right.title()}"]
+    assert joined["corrected_q"] == f"{words.left} {words.right}"
+    split = search(client, q=f"{words.head} {words.tail}", category=words.root)
+    assert names(split) == [f"{(words.head + words.tail).title()} Mug"]
+    assert split["items"][0]["match"] == "typo"
+
+
+def test_the_words_as_typed_rank_before_corrections(client: httpx.Client, words: Words) -> None:
+    body = search(client, q=_edits(words.w8)["dropped"], category=words.root)
+    assert [(i["name"], i["match"]) for i in body["items"]] == [
+        ("Notebook", "text"),
+        (f"{words.w8.title()} Snack", "typo"),
+    ]
+    # Quotes mean exactly these words: no correction.
+    body = search(client, q=f'"{_edits(words.w8)["dropped"]}"', category=words.root)
+    assert names(body) == ["Notebook"] and body["corrected_q"] is None
+
+
+def test_the_dictionary_follows_the_catalog(live: Live, client: httpx.Client, words: Words) -> None:
+    renamed = _word(random.Random(words.root), 7)
+    typo = _edits(renamed)["swapped"]
+    assert search(client, q=typo, category=words.root)["total"] == 0
+    live.sql(
+        "UPDATE products SET name = :new WHERE name = :old",
+        new=f"{renamed.title()} Drink",
+        old=f"{words.w10.title()} Drink",
+    )
+    try:
+        assert search(client, q=typo, category=words.root)["corrected_q"] == renamed
+        # The old word left the dictionary with its last product.
+        assert live.sql("SELECT products FROM search_words WHERE word = :w", w=words.w10)[0][0] == 0
+    finally:
+        live.sql(
+            "UPDATE products SET name = :old WHERE name = :new",
+            new=f"{renamed.title()} Drink",
+            old=f"{words.w10.title()} Drink",
+        )
+    assert live.sql("SELECT products FROM search_words WHERE word = :w", w=words.w10)[0][0] == 1
 
 
 # ---------------------------------------------------------------- facets and filters
