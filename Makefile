@@ -68,6 +68,7 @@ bench: bench-setup
 	$(BIN)/python -m tests.bench.users_me
 	$(BIN)/python -m tests.bench.carts
 	$(BIN)/python -m tests.bench.search
+	$(BIN)/python -m tests.bench.search_quality
 	$(BIN)/python -m tests.bench.seed
 	$(BIN)/python -m tests.bench.checkout
 	$(BIN)/python -m tests.bench.tracking
