@@ -199,14 +199,22 @@ _WORD = re.compile(r"[^\W_]+")
 _WEBSEARCH_SYNTAX = re.compile(r"[\"]|(^|\s)-\w|\bor\b", re.IGNORECASE)
 
 
+def plain_words(q: str) -> list[str]:
+    """The words of `q`, lower-cased: letters and digits only, so any tsquery built of them is
+    valid syntax (it is still passed as a bound parameter). Empty when the query uses websearch
+    syntax (quotes, exclusion, OR): then the user means it literally."""
+    return [] if _WEBSEARCH_SYNTAX.search(q) else [w.lower() for w in _WORD.findall(q)]
+
+
 def prefix_tsquery(q: str) -> str | None:
-    """`w1 & w2 & w3:*` from the words of `q`: the last word may be unfinished. Words are
-    letters and digits only, so the result is always valid tsquery syntax; it is still
-    passed as a bound parameter. None when the query uses websearch syntax or has no word."""
-    words = [w.lower() for w in _WORD.findall(q)]
-    if not words or _WEBSEARCH_SYNTAX.search(q):
-        return None
-    return " & ".join([*words[:-1], words[-1] + ":*"])
+    """`w1 & w2 & w3:*`: the last word may be unfinished. None without plain words."""
+    words = plain_words(q)
+    return " & ".join([*words[:-1], words[-1] + ":*"]) if words else None
+
+
+def literal_tsquery(q: str) -> str | None:
+    """`w1 & w2`, for the `simple` (unstemmed) configuration."""
+    return " & ".join(words) if (words := plain_words(q)) else None
 
 
 def like_escape(s: str) -> str:
@@ -295,8 +303,8 @@ async def correct_typos(session: AsyncSession, q: str) -> Correction | None:
     """The typo-tolerant reading of `q` (see the module's docstring), or None when nothing in
     it is a typo, a split or a join of catalog words. Quotes, exclusions and OR mean the user
     wants exactly that: no correction then."""
-    words = [w.lower() for w in _WORD.findall(q)]
-    if not words or _WEBSEARCH_SYNTAX.search(q):
+    words = plain_words(q)
+    if not words:
         return None
     joins = [a + b for a, b in itertools.pairwise(words)]
     asked = {*words, *joins, *(part for w in words for pair in _splits(w) for part in pair)}
@@ -419,8 +427,9 @@ def decode_cursor(secret: str, params: SearchParams, cursor: str) -> _CursorBody
 # condition for every sort: price ascending sorts by the negated price.
 #
 # Relevance score: tier 2 when the name matches the full-text query, 1 when another field
-# does, plus 0.5 * ts_rank_cd (shorter documents favoured, scaled into [0, 1)); a hit of the
-# typo-corrected query only (`:typo`, see correct_typos) scores 0.5 + 0.45 * its rank; a
+# does, plus 0.5 * ts_rank_cd (shorter documents favoured, scaled into [0, 1)), plus 0.25 when
+# the name holds the words exactly as typed, not only their stems ("plates" before "plate");
+# a hit of the typo-corrected query only (`:typo`, see correct_typos) scores 0.5 + 0.45 * its rank; a
 # fuzzy-only hit scores 0.49 * its trigram word similarity to name or brand (computed only
 # for those rows: it is the expensive part). Tiers never overlap, so the words as typed
 # always rank above corrected ones, those above fuzzy ones, and name matches above
@@ -439,6 +448,8 @@ matched AS MATERIALIZED (
             ELSE CASE WHEN m.fts THEN
                     (CASE WHEN ts_filter(p.search_vector, '{a}') @@ tsq.query THEN 2 ELSE 1 END)
                     + 0.5 * ts_rank_cd(p.search_vector, tsq.query, 1 | 32)::float8
+                    + (CASE WHEN CAST(:literal AS text) IS NOT NULL AND to_tsvector('simple', p.name)
+                        @@ to_tsquery('simple', CAST(:literal AS text)) THEN 0.25 ELSE 0 END)
                 WHEN m.typo THEN 0.5 + 0.45 * ts_rank_cd(p.search_vector, tsq.typo_query, 1 | 32)::float8
                 ELSE 0.49 * greatest(
                     word_similarity(:q, p.name), word_similarity(:q, coalesce(p.brand, ''))
@@ -582,6 +593,7 @@ def search_sql_params(
         "q": params.q,
         "prefix": prefix_tsquery(params.q),
         "typo": correction.tsquery if correction else None,
+        "literal": literal_tsquery(params.q),
         # Quotes, exclusions and OR mean the user wants exactly that: no near misses.
         "fuzzy": len(params.q) >= FUZZY_MIN_LENGTH and not _WEBSEARCH_SYNTAX.search(params.q),
         "sort": params.sort.value,
