@@ -173,6 +173,8 @@ def _allowed_methods(request: Request) -> str:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 413:
+        return _too_large(request)
     code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     headers = dict(exc.headers or {})
@@ -231,6 +233,50 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+# ---------------------------------------------------------------- body size
+
+# Request bodies over this are refused with 413 `payload_too_large` before they are read.
+# Routes that take more (bulk imports, webhooks, route problems) are given to serve_builder.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _too_large(request: Request) -> JSONResponse:
+    return problem(request, 413, "payload_too_large", "The request body is too large for this route")
+
+
+class BodyLimitMiddleware:
+    """413 `payload_too_large` for a request body over its route's limit, before the body is
+    read when it declares its Content-Length, else as soon as the bytes streamed in pass the
+    limit (the handler's read fails; nothing was parsed, nothing written). Pure ASGI."""
+
+    def __init__(self, app: ASGIApp, limits: dict[str, int]) -> None:
+        self.app = app
+        self.limits = limits  # path within the application -> bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        limit = self.limits.get(path, MAX_BODY_BYTES)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(Request(scope))(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise StarletteHTTPException(413)  # FastAPI re-raises it to _http_error
+            return message
+
+        await self.app(scope, receive_within_limit, send)
 
 
 class RequestTimeoutMiddleware:
@@ -484,11 +530,13 @@ def create_api(
     description: str,
     unlimited: APIRouter | None = None,
     rate_limited: bool = True,
+    body_limits: dict[str, int] | None = None,
 ) -> FastAPI:
     """A FastAPI app with the shared behaviour every service has. Routes of `unlimited` skip
     the generic rate limits (machine callers that authenticate otherwise, e.g. signed
     webhooks from a payment gateway that must never be dropped); `rate_limited=False` drops
-    them for the whole app (stand-ins of third parties, whose callers are our own services)."""
+    them for the whole app (stand-ins of third parties, whose callers are our own services).
+    `body_limits` raises the request body limit (MAX_BODY_BYTES) of some paths."""
     api = FastAPI(
         title=title,
         description=description,
@@ -496,6 +544,7 @@ def create_api(
         responses=ERROR_RESPONSES,
     )
     api.add_middleware(RequestTimeoutMiddleware)
+    api.add_middleware(BodyLimitMiddleware, limits=body_limits or {})
     api.add_middleware(RequestIdMiddleware)
     api.add_exception_handler(AppError, _app_error)
     api.add_exception_handler(RequestValidationError, _validation_error)

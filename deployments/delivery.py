@@ -65,10 +65,14 @@ from models.users import Role, normalize_phone
 
 log = logging.getLogger("vurksha.delivery")
 
+# A route problem for ops: up to 2,000 stops and 500 vehicles of a few hundred bytes each.
+MAX_PROBLEM_BYTES = 1024 * 1024
+
 api = create_api(
     "delivery",
     title="Vurksha delivery",
     description="Partner presence and positions, assignment, routing and live tracking.",
+    body_limits={"/routes/optimize": MAX_PROBLEM_BYTES},
 )
 
 OPS = Depends(require_role(Role.admin, Role.ops))

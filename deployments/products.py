@@ -46,10 +46,14 @@ from models.products import (
     StorePatch,
 )
 
+# A bulk import: up to MAX_IMPORT_ROWS rows of a few KB each.
+MAX_IMPORT_BYTES = 8 * 1024 * 1024
+
 api = create_api(
     "products",
     title="Vurksha products",
     description="Dark stores, categories, catalog, per-store inventory, reviews and ratings.",
+    body_limits={"/import": MAX_IMPORT_BYTES},
 )
 
 Admin = Annotated[Principal, Depends(require_role("admin"))]

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -68,6 +69,43 @@ def test_malformed_json_is_422_not_500(live: Live):
     assert response.status_code == 422 and response.json()["code"] == "validation_error"
 
 
+def _too_large(response: httpx.Response) -> bool:
+    body = response.json()
+    return response.status_code == 413 and body["code"] == "payload_too_large" and bool(body["request_id"])
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(live: Live, user: Session):
+    """A 5 MB profile update is a 413 whether it says its length or streams without one, and
+    nothing of it is applied; routes made for more (bulk imports, webhooks) take more."""
+    name = user.client.get("/users/me", headers=user.auth).json()["name"]
+    huge = b'{"name": "' + b"x" * 5_000_000 + b'"}'
+    declared = user.client.patch(
+        "/users/me", content=huge, headers={**user.auth, "content-type": "application/json"}
+    )
+    assert _too_large(declared), declared.text
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(huge), 65_536):
+            yield huge[i : i + 65_536]
+
+    streamed = user.client.patch(
+        "/users/me", content=chunks(), headers={**user.auth, "content-type": "application/json"}
+    )
+    assert "content-length" not in streamed.request.headers
+    assert _too_large(streamed), streamed.text
+    assert user.client.get("/users/me", headers=user.auth).json()["name"] == name
+    # 1 MB is over the default but within a bulk import's limit: the customer is refused as a
+    # customer (403), not for the size; a webhook's limit is 256 KB.
+    rows = [{"sku": f"BIG{i}", "name": "x" * 900} for i in range(1_000)]
+    assert user.client.post("/products/import", json={"products": rows}, headers=user.auth).status_code == 403
+    webhook = live.client().post(
+        "/payments/webhooks/razorpay",
+        content=b"{" + b" " * 300_000 + b"}",
+        headers={"X-Razorpay-Signature": "x"},
+    )
+    assert _too_large(webhook), webhook.text
+
+
 def test_validation_errors_do_not_echo_input(live: Live):
     response = live.client().post("/users/auth/verify", json={"challenge_id": "x", "code": "secret-code-99"})
     assert response.status_code == 422 and "secret-code-99" not in response.text
@@ -112,7 +150,9 @@ def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored():
 
 def test_merged_openapi_is_current():
     assert OPENAPI_FILE.read_text() == render(), "openapi.json is stale: run `make openapi`"
-    assert WEBSOCKETS_FILE.read_text() == render_websockets(), "websockets.schema.json is stale: run `make openapi`"
+    assert WEBSOCKETS_FILE.read_text() == render_websockets(), (
+        "websockets.schema.json is stale: run `make openapi`"
+    )
 
 
 def test_migrations_run_down_and_up_from_empty(live: Live):
@@ -180,3 +220,29 @@ def test_ray_serve_and_haproxy_listen_on_loopback_only(live: Live):
     # Including each replica's inter-deployment gRPC server, which Ray 2.60 binds on [::]
     # (config/loopback.py moves it to loopback on a single-node cluster).
     assert not offenders, offenders
+
+
+def test_footprint_counts_every_process_of_the_stack_once(live: Live):
+    """`vurksha footprint` on the stack this test session runs (the driver is pytest): every
+    application's replicas, Serve's actors, Ray's daemons and HAProxy, each process once."""
+    from config.settings import get_settings
+    from deployments.footprint import measure, stack_processes
+
+    data_dir = get_settings().data_dir
+    processes = stack_processes([os.getpid()], data_dir)
+    assert len({p.pid for p in processes}) == len(processes)
+    footprint = measure([os.getpid()], data_dir)
+    roles = set(footprint.groups)
+    assert {f"replica {app['name']}:{app['name']}" for app in APPS} <= roles, roles  # the ingresses
+    assert {"actor ServeController", "Ray raylet", "Ray GCS", "HAProxy", "launcher"} <= roles, roles
+    assert all(n >= 1 and pss > 0 for n, pss in footprint.groups.values())
+    ours = psutil.Process().memory_full_info().pss
+    assert footprint.groups["launcher"] == (1, pytest.approx(ours, rel=0.2))
+    printed = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "footprint", "--pid", str(os.getpid())],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    assert "replica users:users" in printed and printed.splitlines()[-1].startswith("total")
