@@ -1,5 +1,6 @@
 """`vurksha`: run the backend, migrate, seed, handle dead-lettered events, train and promote
-recommender models, or regenerate the OpenAPI document."""
+recommender models, print a running stack's memory footprint, or regenerate the OpenAPI
+document."""
 
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("seed", help="load seed and demo data (idempotent)")
     dead = sub.add_parser("outbox", help="list dead-lettered outbox events, or requeue them")
     dead.add_argument("--requeue", nargs="*", type=int, metavar="ID", help="requeue these (no ids: all dead)")
+    footprint = sub.add_parser(
+        "footprint", help="the memory (PSS) of a running stack's processes on this machine, by role"
+    )
+    footprint.add_argument("--pid", type=int, nargs="*", help="the launcher(s); default: every `vurksha run`")
     openapi = sub.add_parser("openapi", help="write the merged OpenAPI document and the WebSockets' schemas")
     openapi.add_argument("--check", action="store_true", help="exit 1 if openapi.json is stale")
     args, rest = parser.parse_known_args(argv)
@@ -162,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
             from pipelines.seed import seed
 
             asyncio.run(seed(settings))
+    elif args.command == "footprint":
+        from deployments.footprint import launchers, measure
+
+        roots = args.pid or launchers()
+        if not roots:
+            parser.error("no `vurksha run` is running here (give the launcher's --pid)")
+        print(measure(roots, settings.data_dir).render())
     elif args.command == "openapi":
         from deployments.openapi import OPENAPI_FILE, WEBSOCKETS_FILE, render, render_websockets
 
