@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import resource
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from config.logging import STEPS, WorkerLogRouter
 from config.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from pipelines.catalog import LoadResult
 
 log = logging.getLogger("vurksha.launcher")
 steps = logging.getLogger(STEPS)
@@ -38,9 +43,7 @@ def prepare(settings: Settings, *, reset: bool = False) -> Settings:
     through the environment (Ray workers inherit it), migrate, and seed. `reset` (test mode
     only) first empties the database schema and the Redis database."""
     from config.embedded import start_postgres, start_redis
-    from models.migrate import upgrade
     from models.tokens import TokenService
-    from pipelines.seed import seed
 
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -57,11 +60,15 @@ def prepare(settings: Settings, *, reset: bool = False) -> Settings:
     TokenService.from_settings(settings)  # create the dev signing key before replicas race for it
     if reset:
         asyncio.run(_reset(settings))
-    began = time.monotonic()
-    upgrade(settings.database_url)
-    steps.info("database schema migrated to the latest revision (%.1f s)", time.monotonic() - began)
-    began = time.monotonic()
-    loaded = asyncio.run(seed(settings))
+    # In a child process: the migration and the seed (Parquet, the first recommender model's
+    # training) load libraries and data that would otherwise stay in the launcher for its
+    # whole life (~250 MB).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+        began = time.monotonic()
+        child.submit(_migrate, settings.database_url).result()
+        steps.info("database schema migrated to the latest revision (%.1f s)", time.monotonic() - began)
+        began = time.monotonic()
+        loaded = child.submit(_seed).result()
     steps.info(
         "seed data in place: %d stores, %d categories, %d products, demo users (%.1f s)",
         loaded.stores,
@@ -70,6 +77,18 @@ def prepare(settings: Settings, *, reset: bool = False) -> Settings:
         time.monotonic() - began,
     )
     return settings
+
+
+def _migrate(database_url: str) -> None:
+    from models.migrate import upgrade
+
+    upgrade(database_url)
+
+
+def _seed() -> LoadResult:
+    from pipelines.seed import seed
+
+    return asyncio.run(seed(get_settings()))
 
 
 async def _reset(settings: Settings) -> None:
