@@ -4,9 +4,11 @@ and by the delivery ingress for ops (`POST /delivery/routes/optimize`).
 
 OR-Tools' `SolveWithParameters` holds the GIL for its whole search (measured: a Python thread
 beside a solve ran at 17% of its speed), so no solve runs in the replica. Each replica owns
-`route_optimizer_portfolio` solver actors, processes of their own that live as long as it
-does (warm: a Ray task would start a new worker for most solves, since Ray soon ends idle task
-workers when actors hold the node's worker slots, ~2-3 s each), one solve at a time each. A
+`route_optimizer_portfolio` solver actors, processes of their own, started by its first solve
+and kept while solves come (warm: a Ray task would start a new worker for most solves, since
+Ray soon ends idle task workers when actors hold the node's worker slots, ~2-3 s each), one
+solve at a time each; after `route_optimizer_solver_idle_seconds` without a solve they stop,
+so an idle stack does not hold their memory, and the next solve starts them again. A
 request runs each configuration of the portfolio on its own solver, side by side, and keeps
 the best (`best_solution`); a small problem runs the default configuration on the least busy
 solver. The budget runs from the request's arrival: a solve that waited for its solver searches
@@ -30,11 +32,7 @@ from config.settings import get_settings
 from models.errors import ServiceUnavailable
 from models.routing import (
     SOLVER_PORTFOLIO,
-    Depot,
     HaversineTravelTimes,
-    Point,
-    RouteStop,
-    RouteVehicle,
     RoutingProblem,
     RoutingSolution,
     SolverConfig,
@@ -80,12 +78,30 @@ class RouteOptimizer:
     def __init__(self) -> None:
         serve_grpc_on_loopback()
         self.settings = get_settings()
+        self._solvers: list[Any] = []
+        self._busy: list[int] = []
+        self._last_solve = time.monotonic()
+        self._idle_watch: asyncio.Task[None] | None = None
+
+    def _start_solvers(self) -> None:
+        if self._solvers:
+            return
         width = self.settings.route_optimizer_portfolio
         options = cast(Any, _Solver).options(num_cpus=self.settings.route_optimizer_solver_cpus)
         self._solvers = [options.remote() for _ in range(width)]
         self._busy = [0] * width
-        # A first solve on each now (process start, imports), not in the first dispatch round.
-        self._warm = [s.solve.remote(_TINY, 0.0, SOLVER_PORTFOLIO[0]) for s in self._solvers]
+        if self._idle_watch is None:
+            self._idle_watch = asyncio.get_running_loop().create_task(self._stop_solvers_when_idle())
+
+    async def _stop_solvers_when_idle(self) -> None:
+        idle = self.settings.route_optimizer_solver_idle_seconds
+        while True:
+            await asyncio.sleep(min(idle, 30.0))
+            if self._solvers and not any(self._busy) and time.monotonic() - self._last_solve >= idle:
+                for solver in self._solvers:
+                    ray.kill(solver)
+                self._solvers, self._busy = [], []
+                log.info("route optimizer: solvers stopped after %.0f s without a solve", idle)
 
     def _assign(self, problem: RoutingProblem) -> list[tuple[int, SolverConfig]]:
         """(solver, configuration) pairs: the whole portfolio on a large problem, else the
@@ -103,6 +119,7 @@ class RouteOptimizer:
             return solution
         finally:
             self._busy[index] -= 1
+            self._last_solve = time.monotonic()
 
     def _budget(self, time_limit_s: float | None) -> float:
         """The search time of a request (its own, capped, or the default)."""
@@ -115,6 +132,8 @@ class RouteOptimizer:
         stopped the search. Raises `OptimizerFailed` if no configuration answered."""
         limit = self._budget(time_limit_s)
         deadline = time.time() + limit
+        self._last_solve = time.monotonic()
+        self._start_solvers()
         runs = [asyncio.ensure_future(self._run(i, problem, deadline, c)) for i, c in self._assign(problem)]
         done, _ = await asyncio.wait(runs, timeout=limit + _GRACE_S)
         solutions = []
@@ -131,13 +150,6 @@ class RouteOptimizer:
         """For callers to set up their handle (its router finds the replicas) before they
         need an answer in time."""
         return True
-
-    async def check_health(self) -> None:
-        """Serve's health check: the warm-up solves must have worked (a broken OR-Tools
-        install fails the replica at start, not on the first request)."""
-        if self._warm:
-            await asyncio.gather(*self._warm)
-            self._warm = []
 
 
 _handle: DeploymentHandle | None = None
@@ -162,11 +174,3 @@ async def warm_up(attempts: int = 30, every_s: float = 2.0) -> bool:
             await asyncio.sleep(every_s)
     log.warning("route optimizer: not reachable after %d attempts", attempts)
     return False
-
-
-_HERE = Point(lat=12.9716, lng=77.5946)
-_TINY = RoutingProblem(
-    depot=Depot(location=_HERE),
-    vehicles=[RouteVehicle(id="v", capacity=1, shift_end_s=3600)],
-    stops=[RouteStop(id="s", location=_HERE, latest_s=3600)],
-)

@@ -193,6 +193,9 @@ class Settings(BaseSettings):
     route_optimizer_portfolio: int = Field(default=2, ge=1, le=2)
     route_optimizer_portfolio_min_stops: int = Field(default=10, ge=0)
     route_optimizer_solver_cpus: float = Field(default=0.05, gt=0)
+    # Solvers are started by the first solve and stopped after this long without one (each is
+    # a process of ~120 MB): the first solve after a quiet spell waits ~2-3 s for them.
+    route_optimizer_solver_idle_seconds: float = Field(default=300, gt=0)
     # Dispatch asks the optimizer to order a batched trip's drops with this search time, and
     # falls back to nearest-neighbour order (recorded on the offer) when no answer comes within
     # the timeout; after a failure it does not ask again for `..._retry_seconds`.

@@ -5,6 +5,7 @@ dispatch ordering a batched trip with the optimizer or, when it is down, nearest
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import random
@@ -17,6 +18,7 @@ import ray
 
 from config.settings import get_settings
 from models.delivery_rules import LatLng, Vehicle, haversine_m, travel_s
+from models.routing import SOLVER_PORTFOLIO
 from tests.conftest import Live, Session
 from tests.service.shop import Shop, make_shop
 from tests.service.test_delivery import confirmed_order, move_to, offer_for, ok, partner_at, round_now
@@ -189,6 +191,29 @@ def test_past_its_budget_a_request_returns_the_best_found(ops: Session):
 
 
 # ---------------------------------------------------------------- dispatch
+
+
+async def test_solvers_start_with_the_first_solve_and_stop_when_idle() -> None:
+    """An optimizer (here in this driver) holds no solver process until it solves, and lets
+    them go after `route_optimizer_solver_idle_seconds` without a solve."""
+    from actors.routing import RouteOptimizer
+    from models.routing import RoutingProblem
+
+    optimizer = RouteOptimizer.func_or_class()  # the class behind the deployment
+    optimizer.settings = optimizer.settings.model_copy(update={"route_optimizer_solver_idle_seconds": 1.0})
+    assert optimizer._solvers == []
+    problem = RoutingProblem.model_validate(store_batch(7, stops=12, vehicles=3))
+    solution = await optimizer.solve(problem, 0.3)
+    solvers = list(optimizer._solvers)
+    assert len(solvers) == get_settings().route_optimizer_portfolio and solution.routes
+    assert await optimizer.solve(problem, 0.2) and optimizer._solvers == solvers  # kept while in use
+    for _ in range(50):
+        if not optimizer._solvers:
+            break
+        await asyncio.sleep(0.1)
+    assert optimizer._solvers == []
+    with pytest.raises(ray.exceptions.RayActorError):
+        await solvers[0].solve.remote(problem, time.time() + 0.1, SOLVER_PORTFOLIO[0])
 
 
 def _queued_pair(live: Live, shop: Shop, ops: Session) -> tuple[Session, dict[str, tuple[float, float]]]:
