@@ -23,6 +23,7 @@ class Process:
     pid: int
     ppid: int
     cmdline: str
+    cwd: str
 
 
 def _processes() -> list[Process]:
@@ -35,9 +36,14 @@ def _processes() -> list[Process]:
             raw = (entry / "cmdline").read_bytes()
         except OSError:  # gone meanwhile, or not ours to read
             continue
+        try:
+            cwd = str((entry / "cwd").readlink())
+        except OSError:
+            cwd = ""
         # The command name in stat is parenthesized and may hold spaces: ppid follows the last ')'.
         ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        out.append(Process(int(entry.name), ppid, raw.replace(b"\0", b" ").decode(errors="replace").strip()))
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        out.append(Process(int(entry.name), ppid, cmdline, cwd))
     return out
 
 
@@ -57,10 +63,11 @@ def launchers() -> list[int]:
 
 
 def stack_processes(roots: list[int], data_dir: Path) -> list[Process]:
-    """The roots, the embedded servers of `data_dir`, and all their descendants."""
+    """The roots, the embedded servers of `data_dir` (PostgreSQL names it in its command
+    line, Redis runs in it), and all their descendants."""
     procs = _processes()
     marker = str(data_dir.resolve())
-    selected = set(roots) | {p.pid for p in procs if marker in p.cmdline}
+    selected = set(roots) | {p.pid for p in procs if marker in p.cmdline or p.cwd.startswith(marker)}
     children: dict[int, list[int]] = defaultdict(list)
     for p in procs:
         children[p.ppid].append(p.pid)
@@ -85,8 +92,8 @@ def role(p: Process, roots: list[int]) -> str:
     # themselves "postgres: ...").
     words = cmd.split() or [""]
     program = Path(words[0]).name
-    if program.startswith("python") and len(words) > 1:
-        program = Path(words[1]).name
+    if program.startswith("python"):
+        program = Path(next((w for w in words[1:] if not w.startswith("-")), program)).name
     for prefix, name in (
         ("haproxy", "HAProxy"),
         ("postgres", "PostgreSQL"),
