@@ -212,9 +212,9 @@ def prefix_tsquery(q: str) -> str | None:
     return " & ".join([*words[:-1], words[-1] + ":*"]) if words else None
 
 
-def literal_tsquery(q: str) -> str | None:
-    """`w1 & w2`, for the `simple` (unstemmed) configuration."""
-    return " & ".join(words) if (words := plain_words(q)) else None
+def literal_patterns(q: str) -> list[str] | None:
+    """LIKE patterns that a name holding every word of `q` as typed matches (`%w1%`...)."""
+    return [f"%{like_escape(w)}%" for w in words] if (words := plain_words(q)) else None
 
 
 def like_escape(s: str) -> str:
@@ -448,8 +448,8 @@ matched AS MATERIALIZED (
             ELSE CASE WHEN m.fts THEN
                     (CASE WHEN ts_filter(p.search_vector, '{a}') @@ tsq.query THEN 2 ELSE 1 END)
                     + 0.5 * ts_rank_cd(p.search_vector, tsq.query, 1 | 32)::float8
-                    + (CASE WHEN CAST(:literal AS text) IS NOT NULL AND to_tsvector('simple', p.name)
-                        @@ to_tsquery('simple', CAST(:literal AS text)) THEN 0.25 ELSE 0 END)
+                    + (CASE WHEN CAST(:literal AS text[]) IS NOT NULL
+                        AND lower(p.name) LIKE ALL (CAST(:literal AS text[])) THEN 0.25 ELSE 0 END)
                 WHEN m.typo THEN 0.5 + 0.45 * ts_rank_cd(p.search_vector, tsq.typo_query, 1 | 32)::float8
                 ELSE 0.49 * greatest(
                     word_similarity(:q, p.name), word_similarity(:q, coalesce(p.brand, ''))
@@ -593,7 +593,7 @@ def search_sql_params(
         "q": params.q,
         "prefix": prefix_tsquery(params.q),
         "typo": correction.tsquery if correction else None,
-        "literal": literal_tsquery(params.q),
+        "literal": literal_patterns(params.q),
         # Quotes, exclusions and OR mean the user wants exactly that: no near misses.
         "fuzzy": len(params.q) >= FUZZY_MIN_LENGTH and not _WEBSEARCH_SYNTAX.search(params.q),
         "sort": params.sort.value,
