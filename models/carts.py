@@ -85,11 +85,15 @@ CouponCode = Annotated[
 
 class AddItem(Strict):
     product_id: uuid.UUID
-    quantity: int = Field(default=1, ge=1, description="Added to the quantity already in the cart")
+    quantity: int = Field(
+        default=1, ge=1, strict=True, description="Added to the quantity already in the cart"
+    )
 
 
 class SetQuantity(Strict):
-    quantity: int = Field(ge=1, description="The line's new quantity; DELETE the item to remove it")
+    quantity: int = Field(
+        ge=1, strict=True, description="The line's new quantity; DELETE the item to remove it"
+    )
 
 
 class ApplyCoupon(Strict):

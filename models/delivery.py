@@ -251,7 +251,7 @@ class PartnerOut(BaseModel):
 
 
 class ShiftIn(Strict):
-    online: bool
+    online: bool = Field(strict=True)
 
 
 # (lat, lng, ts_s, accuracy_m, speed_mps, heading_deg, battery_pct): a fix as it travels.

@@ -69,13 +69,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from ortools.constraint_solver import pywrapcp, routing_enums_pb2, routing_ils_pb2
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -430,7 +431,8 @@ class _Strict(BaseModel):
 
 
 Id = str
-Seconds = int
+# Numbers in a problem are JSON numbers: "600" is a 422, not 600.
+Seconds = Annotated[int, Strict()]
 
 
 def _invalid(loc: tuple[str | int, ...], kind: str, message: str, value: Any) -> ValidationError:
@@ -442,8 +444,8 @@ def _invalid(loc: tuple[str | int, ...], kind: str, message: str, value: Any) ->
 
 
 class Point(_Strict):
-    lat: float = Field(ge=-90, le=90)
-    lng: float = Field(ge=-180, le=180)
+    lat: float = Field(ge=-90, le=90, strict=True)
+    lng: float = Field(ge=-180, le=180, strict=True)
 
     @property
     def latlng(self) -> LatLng:
@@ -462,7 +464,7 @@ class RouteVehicle(_Strict):
 
     id: Id = Field(min_length=1, max_length=64)
     start: Point | None = None
-    capacity: int = Field(ge=1, le=10_000)
+    capacity: int = Field(ge=1, le=10_000, strict=True)
     shift_end_s: Seconds = Field(ge=0)
     vehicle_type: Vehicle = Vehicle.scooter
 
@@ -472,7 +474,7 @@ class RouteStop(_Strict):
 
     id: Id = Field(min_length=1, max_length=64)
     location: Point
-    demand: int = Field(default=1, ge=0, le=10_000)
+    demand: int = Field(default=1, ge=0, le=10_000, strict=True)
     earliest_s: Seconds = Field(default=0, ge=0)
     latest_s: Seconds = Field(ge=0)
     service_s: Seconds = Field(default=0, ge=0, le=24 * 3600)
@@ -506,8 +508,8 @@ class RoutingProblem(_Strict):
     vehicles: list[RouteVehicle] = Field(min_length=1, max_length=500)
     stops: list[RouteStop] = Field(max_length=2000)
     pairs: list[PickupDrop] = Field(default_factory=list)
-    open_routes: bool = False
-    lateness_cost_per_s: int = Field(default=10, ge=0, le=10_000)
+    open_routes: bool = Field(default=False, strict=True)
+    lateness_cost_per_s: int = Field(default=10, ge=0, le=10_000, strict=True)
     max_lateness_s: Seconds | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")

@@ -97,6 +97,7 @@ def test_item_validation(live: Live, shop: Shop):
     inactive = make_product(live, shop, price=1000, active=False)
     cases = [
         ({"product_id": pid, "quantity": 0}, 422, "validation_error"),
+        ({"product_id": pid, "quantity": "2"}, 422, "validation_error"),  # a number, not a string
         ({"product_id": pid, "quantity": 21}, 422, "quantity_limit"),
         ({"product_id": pid, "quantity": 1, "price_paise": 1}, 422, "validation_error"),
         ({"product_id": str(uuid.uuid4()), "quantity": 1}, 404, "product_not_found"),
