@@ -16,6 +16,8 @@ from functools import cached_property
 from http import HTTPStatus
 from typing import Annotated, Any
 
+from asyncpg.exceptions import InterfaceError as AsyncpgInterfaceError
+from asyncpg.exceptions import OperatorInterventionError, PostgresConnectionError
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,7 +26,12 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
@@ -39,7 +46,14 @@ from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
 from models import idempotency, products, users
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
-from models.errors import AppError, Forbidden, TooManyRequests, Unauthorized, Unprocessable
+from models.errors import (
+    AppError,
+    Forbidden,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+)
 from models.gateway import RazorpayClient, make_gateway
 from models.notifications import SmsProvider, make_sms_provider
 from models.tokens import AccessClaims, TokenService
@@ -183,8 +197,48 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, exc.status_code, code, detail, headers)
 
 
+# What a 503 for a lost PostgreSQL or Redis connection tells the client to wait (seconds).
+RETRY_AFTER_UNAVAILABLE_S = 1
+
+
+# A connection refused, cut or closed, or its server's socket gone (OSError: the pool
+# re-raises a failed connect as the driver raised it), a server shutting down or starting up
+# (SQLSTATE 57P), a pool or Redis timeout: whatever the driver or SQLAlchemy wraps it in.
+_LOST = (
+    PoolTimeout,
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    PostgresConnectionError,
+    OperatorInterventionError,
+    AsyncpgInterfaceError,
+)
+
+
+def unavailable(exc: BaseException | None) -> bool:
+    """A lost, refused or exhausted connection to PostgreSQL or Redis (a restart, a failover,
+    the network): the request may well succeed if tried again, unlike a bug."""
+    for _ in range(5):  # the exception and what it wraps
+        if exc is None:
+            return False
+        if isinstance(exc, _LOST) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+            return True
+        exc = exc.__cause__ or getattr(exc, "orig", None)
+    return False
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error (request %s)", getattr(request.state, "request_id", "-"), exc_info=exc)
+    request_id = getattr(request.state, "request_id", "-")
+    if unavailable(exc):
+        log.warning("request %s: a backing service is unavailable (%s)", request_id, type(exc).__name__)
+        return problem(
+            request,
+            503,
+            ServiceUnavailable.code,
+            "A service we depend on is unavailable; retry shortly",
+            {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+        )
+    log.error("unhandled error (request %s)", request_id, exc_info=exc)
     return problem(request, 500, "internal_error", "Something went wrong on our side")
 
 
@@ -549,6 +603,10 @@ def create_api(
     api.add_exception_handler(AppError, _app_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
+    # PostgreSQL and Redis errors (a 503 when the connection was the problem, see unavailable)
+    # are answered inside the app: the catch-all's handler re-raises to the server's log.
+    for dependency_error in (SQLAlchemyError, RedisError, OSError, PostgresConnectionError):
+        api.add_exception_handler(dependency_error, _unhandled)
     api.add_exception_handler(Exception, _unhandled)
 
     @api.get("/healthz", tags=["ops"], response_model=Health)
