@@ -12,6 +12,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Query
+from pydantic import AfterValidator
 
 from deployments.common import (
     CurrentUser,
@@ -45,6 +46,7 @@ from models.products import (
     StoreOut,
     StorePatch,
 )
+from models.users import round_coordinate
 
 # A bulk import: up to MAX_IMPORT_ROWS rows of a few KB each.
 MAX_IMPORT_BYTES = 8 * 1024 * 1024
@@ -73,8 +75,8 @@ async def list_stores(db: Db) -> list[products.Store]:
 @api.get("/stores/nearby", response_model=list[NearbyStoreOut], tags=["stores"])
 async def nearby_stores(
     db: Db,
-    lat: Annotated[float, Query(ge=-90, le=90)],
-    lng: Annotated[float, Query(ge=-180, le=180)],
+    lat: Annotated[float, Query(ge=-90, le=90), AfterValidator(round_coordinate)],
+    lng: Annotated[float, Query(ge=-180, le=180), AfterValidator(round_coordinate)],
 ) -> list[NearbyStoreOut]:
     """Active stores whose service radius covers the point, nearest first, with the distance
     and whether each is open now. None → 422 `not_serviceable`."""

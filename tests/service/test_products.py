@@ -233,6 +233,9 @@ def test_coordinates_too_fine_for_float_arithmetic_are_rounded(live: Live, cat: 
             assert {"id": tiny["id"], "distance_km": 0} in [
                 {"id": s["id"], "distance_km": s["distance_km"]} for s in nearby
             ]
+        # The schemathesis case of issue 12: far from every store, so not serviceable (not a 500).
+        far = live.client().get("/products/stores/nearby", params={"lat": 9.69e-167, "lng": -37.6})
+        problem(far, 422, "not_serviceable")
     finally:
         ok(cat.admin.request("PATCH", f"/products/stores/{tiny['id']}", json={"is_active": False}))
 
