@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -144,19 +145,34 @@ def stock(live: Live, store: dict[str, Any], pid: str) -> tuple[int, int]:
     return int(row.on_hand), int(row.reserved)
 
 
+def _pid(shard: Any) -> int | None:
+    """The process a fleet shard runs in now; None while it is down or restarting."""
+    try:
+        return int(ray.get(shard.__ray_call__.remote(lambda _: os.getpid()), timeout=5))
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
 def kill_fleet(ops: Session, store: dict[str, Any]) -> None:
-    """Kill every fleet shard (they restart: `max_restarts=-1`) and wait until the store's
-    board answers again."""
-    for i in range(get_settings().fleet_shards):
-        ray.kill(ray.get_actor(f"fleet-shard-{i}", namespace="vurksha"), no_restart=False)
+    """Kill every fleet shard (they restart: `max_restarts=-1`) and wait until every shard
+    runs again in a new process (the next test may use a store of the other shard) and the
+    store's board answers."""
+    shards = [
+        ray.get_actor(f"fleet-shard-{i}", namespace="vurksha") for i in range(get_settings().fleet_shards)
+    ]
+    before = [_pid(shard) for shard in shards]
+    for shard in shards:
+        ray.kill(shard, no_restart=False)
+    wait_for(
+        lambda: all(_pid(shard) not in (None, pid) for shard, pid in zip(shards, before, strict=True)),
+        60,
+        "the fleet shards",
+    )
     wait_for(
         lambda: ops.request("GET", f"/delivery/stores/{store['id']}/board").status_code == 200,
         60,
         "the fleet",
     )
-
-
-# ---------------------------------------------------------------- roles
 
 
 def test_admins_grant_and_revoke_roles_but_never_the_last_admin(live: Live, shop: Shop):
