@@ -256,7 +256,7 @@ def test_reservation_expiry_releases_stock(live: Live, shop: Shop):
         "UPDATE orders SET reservation_expires_at = now() - interval '1 second' WHERE id = :id",
         id=pending["id"],
     )
-    assert janitor("expire") >= 1
+    janitor("expire")  # (or its own sweep, every 15 s, got there first: either way it is expired)
     cancelled = order(user, pending["id"])
     assert cancelled["status"] == "cancelled" and cancelled["cancel_reason"] == "payment not received in time"
     assert stock(live, shop, rice) == (4, 0)
