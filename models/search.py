@@ -306,14 +306,14 @@ async def correct_typos(session: AsyncSession, q: str) -> Correction | None:
     words = plain_words(q)
     if not words:
         return None
-    joins = [a + b for a, b in itertools.pairwise(words)]
-    asked = {*words, *joins, *(part for w in words for pair in _splits(w) for part in pair)}
     if len(words) == 1 and len(words[0]) < CORRECTABLE_MIN_LENGTH:
         return None
+    joins = [a + b for a, b in itertools.pairwise(words)]
+    asked = {*words, *joins, *(part for w in words for pair in _splits(w) for part in pair)}
     rows = await session.execute(text(KNOWN_WORDS_SQL), {"words": sorted(asked)})
     known = {r.word: r.products for r in rows}
     misspelt = sorted(
-        {w for w in words if w not in known and w.isalpha() and len(w) >= ONE_TYPO_MIN_LENGTH - 1}
+        {w for w in words if w not in known and w.isalpha() and len(w) >= CORRECTABLE_MIN_LENGTH}
     )
     nearest: dict[str, list[tuple[str, int]]] = {w: [] for w in misspelt}
     if misspelt:
@@ -325,7 +325,7 @@ async def correct_typos(session: AsyncSession, q: str) -> Correction | None:
 
     clauses: list[str] = []  # one per word: the word as typed or what it may have meant
     shown: list[str] = []
-    changed = corrected = False
+    corrected = False  # some word was read otherwise
     for i, word in enumerate(words):
         typed = word + ":*" if i == len(words) - 1 else word
         alternatives = [typed]
@@ -343,7 +343,6 @@ async def correct_typos(session: AsyncSession, q: str) -> Correction | None:
             corrected = corrected or len(alternatives) > 1
         else:
             shown.append(word)
-        changed = changed or len(alternatives) > 1
         clauses.append("(" + " | ".join(alternatives) + ")")
     # Two adjacent words that the catalog writes as one ("space boy"): either reading.
     merged: list[str] = []
@@ -351,12 +350,11 @@ async def correct_typos(session: AsyncSession, q: str) -> Correction | None:
     while i < len(words):
         if i < len(joins) and joins[i] in known and min(len(words[i]), len(words[i + 1])) >= SPLIT_MIN_PART:
             merged.append(f"(({clauses[i]} & {clauses[i + 1]}) | {joins[i]})")
-            changed = True
             i += 2
         else:
             merged.append(clauses[i])
             i += 1
-    if not changed:
+    if not corrected and len(merged) == len(words):  # no word read otherwise, none joined
         return None
     return Correction(tsquery=" & ".join(merged), text=" ".join(shown) if corrected else None)
 
