@@ -605,7 +605,7 @@ def create_api(
     api.add_exception_handler(StarletteHTTPException, _http_error)
     # PostgreSQL and Redis errors (a 503 when the connection was the problem, see unavailable)
     # are answered inside the app: the catch-all's handler re-raises to the server's log.
-    for dependency_error in (SQLAlchemyError, RedisError, OSError, PostgresConnectionError):
+    for dependency_error in (SQLAlchemyError, RedisError, *_LOST):
         api.add_exception_handler(dependency_error, _unhandled)
     api.add_exception_handler(Exception, _unhandled)
 
