@@ -74,6 +74,10 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def _expired() -> Unauthorized:
+    return Unauthorized("Access token expired", code="token_expired")
+
+
 class TokenService:
     """Issues and verifies access tokens for one signing key."""
 
@@ -117,7 +121,7 @@ class TokenService:
             self._verified[token] = claims
         elif claims.exp <= int(time.time()):
             self._verified.pop(token, None)
-            raise Unauthorized("Access token expired", code="token_expired")
+            raise _expired()
         return claims
 
     def _verify(self, token: str) -> AccessClaims:
@@ -135,6 +139,6 @@ class TokenService:
             )
             return AccessClaims.model_validate(payload)
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("Access token expired", code="token_expired") from None
+            raise _expired() from None
         except (jwt.InvalidTokenError, ValueError):
             raise Unauthorized("Invalid access token", code="invalid_token") from None
