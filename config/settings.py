@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Secrets that ship in the code for development. Production refuses to start with them.
 DEV_OTP_PEPPER = "dev-only-otp-pepper-do-not-use-in-production"
+DEV_CURSOR_SECRET = "dev-only-cursor-secret-do-not-use-in-production"  # noqa: S105
 DEV_ADMIN_PHONE = "+919000000001"
 DEV_RAZORPAY_KEY_ID = "rzp_test_vurkshadev"
 # Deliberately in the code (S105): the production guard below refuses them.
@@ -52,6 +53,9 @@ class Settings(BaseSettings):
     access_token_ttl_seconds: int = Field(default=15 * 60, ge=60, le=3600)
     refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=3600)
     max_sessions_per_user: int = Field(default=20, ge=1)
+
+    # HMAC key of the opaque paging cursors (search): a client cannot forge where a page starts.
+    cursor_secret: SecretStr = SecretStr(DEV_CURSOR_SECRET)
 
     # OTP login.
     otp_pepper: SecretStr = SecretStr(DEV_OTP_PEPPER)
@@ -239,6 +243,8 @@ class Settings(BaseSettings):
         problems = []
         if self.otp_pepper.get_secret_value() in ("", DEV_OTP_PEPPER):
             problems.append("VURKSHA_OTP_PEPPER must be set to a secret value")
+        if self.cursor_secret.get_secret_value() in ("", DEV_CURSOR_SECRET):
+            problems.append("VURKSHA_CURSOR_SECRET must be set to a secret value")
         if not (self.jwt_private_key or self.jwt_private_key_file):
             problems.append("VURKSHA_JWT_PRIVATE_KEY or VURKSHA_JWT_PRIVATE_KEY_FILE must be set")
         if not self.database_url or not self.redis_url:

@@ -45,7 +45,8 @@ async def search_products(params: Annotated[SearchParams, Query()], db: Db) -> S
     `in_stock=true` keeps only what it can sell. `facets` count category, brand and price band
     over every match of the query and filters (each adds up to `total`). Pass `next_cursor`
     back as `cursor` for the next page; a cursor is bound to its query."""
-    return await search.search(db, params, cursor_secret=resources().settings.otp_pepper.get_secret_value())
+    secret = resources().settings.cursor_secret.get_secret_value()
+    return await search.search(db, params, cursor_secret=secret)
 
 
 @api.get("/autocomplete", response_model=Suggestions, tags=["search"])

@@ -169,6 +169,7 @@ def production_app(live: Live, app: str) -> Iterator[str]:
         "DATABASE_URL": live.database_url,
         "REDIS_URL": live.redis_url,
         "VURKSHA_OTP_PEPPER": "a-real-secret-pepper",
+        "VURKSHA_CURSOR_SECRET": "a-real-cursor-key",
         "VURKSHA_JWT_PRIVATE_KEY": key.decode(),
         "VURKSHA_SMS_PROVIDER": "http",
         "VURKSHA_SMS_ACCOUNT_SID": "AC0000",

@@ -94,6 +94,7 @@ def test_production_refuses_default_secrets():
         Settings(env="production")
     message = str(err.value)
     assert "OTP_PEPPER" in message and "JWT_PRIVATE_KEY" in message and "ADMIN_PHONE" in message
+    assert "CURSOR_SECRET" in message
     assert "RAZORPAY_WEBHOOK_SECRET" in message
 
 
@@ -101,6 +102,7 @@ def test_production_refuses_dev_endpoints_and_accepts_real_config():
     good = dict(
         env="production",
         otp_pepper="s3cret-pepper",
+        cursor_secret="s3cret-cursor-key",
         jwt_private_key="pem",
         database_url="postgresql://db/x",
         redis_url="redis://r",
