@@ -29,11 +29,12 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import Select, Uuid, and_, bindparam, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config.settings import Settings
+from models.bodies import Strict
 from models.errors import AppError, Conflict, NotFound, Unprocessable
 from models.products import (
     Coupon,
@@ -46,10 +47,6 @@ from models.products import (
 from models.users import Address, User
 
 # ---------------------------------------------------------------- state (held by the actors)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class CartLine(Strict):

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from config.settings import Settings
 from models import carts, idempotency, outbox
+from models.bodies import Strict
 from models.carts import CartContext, CartState, CartView, StoreRef
 from models.db import Base, new_id, utcnow
 from models.errors import Conflict, Forbidden, NotFound, Unprocessable
@@ -266,10 +267,6 @@ class OrderEvent(Base):
 # ---------------------------------------------------------------- schemas
 
 Reason = Annotated[str, Field(min_length=1, max_length=200)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class CheckoutIn(Strict):

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models import outbox
+from models.bodies import Strict
 from models.db import Base, TimestampMixin, new_id
 from models.errors import Conflict, Unprocessable
 
@@ -130,9 +131,7 @@ class PaymentOut(BaseModel):
     razorpay_payment_id: str | None
 
 
-class RefundIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RefundIn(Strict):
     order_id: uuid.UUID
     amount_paise: int | None = Field(
         default=None, strict=True, gt=0, description="Omit to refund everything not yet refunded"

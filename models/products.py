@@ -55,6 +55,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
+from models.bodies import Strict
 from models.db import Base, TimestampMixin, new_id, patch_changes
 from models.errors import AppError, Conflict, NotFound, Unprocessable
 from models.users import Address, Lat, Lng, no_nul, round_coordinate, storable
@@ -342,10 +343,6 @@ Radius = Annotated[float, Field(strict=True, gt=0, le=50)]
 Count = Annotated[int, Field(strict=True, ge=0, le=1_000_000)]
 Flag = Annotated[bool, Field(strict=True)]
 Position = Annotated[int, Field(strict=True, ge=0, le=100_000)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class StoreIn(Strict):

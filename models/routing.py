@@ -102,6 +102,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from config.settings import Settings
+from models import bodies
 from models.delivery_rules import LatLng, TripRoute, Vehicle, haversine_m, speed_mps, travel_s
 
 # ---------------------------------------------------------------- solver configurations
@@ -484,7 +485,7 @@ def drop_reason(problem: MatrixProblem, routes: Sequence[Sequence[int]], visit: 
 # ---------------------------------------------------------------- the delivery problem
 
 
-class _Strict(BaseModel):
+class _Strict(bodies.Strict):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

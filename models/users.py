@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from config.settings import Settings, get_settings
+from models.bodies import Strict
 from models.db import Base, TimestampMixin, new_id, patch_changes
 from models.errors import (
     AppError,
@@ -190,11 +191,11 @@ def normalize_phone(raw: str, region: str | None = None) -> str:
     return e164
 
 
-# The documented pattern guides clients and fuzzers; validation itself is `normalize_phone`, so
-# every malformed number gets the one clear code `invalid_phone`.
+# The documented pattern guides clients and fuzzers (no country code starts with 0); validation
+# itself is `normalize_phone`, so every malformed number gets the one clear code `invalid_phone`.
 Phone = Annotated[
     str,
-    Field(max_length=32, json_schema_extra={"pattern": r"^\+?[0-9][0-9 ().-]{5,30}$"}),
+    Field(max_length=32, json_schema_extra={"pattern": r"^(\+[1-9]|[0-9])[0-9 ().-]{5,30}$"}),
     AfterValidator(normalize_phone),
 ]
 
@@ -219,10 +220,6 @@ def no_nul(value: str) -> str:
 
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1), AfterValidator(no_nul)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class OtpRequest(Strict):

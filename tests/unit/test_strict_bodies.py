@@ -1,18 +1,22 @@
 """Every number and boolean that any route takes in a JSON body must be a JSON number or
 boolean: `"quantity": "2"` is a 422 everywhere, not accepted on some routes and refused on
-others. Walks every application's request bodies, nested models included."""
+others; and an integer is what the OpenAPI document's `integer` says, 2.0 included. Walks
+every application's request bodies, nested models included."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import types
 import typing
 from typing import Annotated, Any
 
 import pytest
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from models.bodies import Strict
 
 APPS = ["users", "products", "carts", "orders", "payments", "notifications", "delivery", "search"]
 
@@ -26,9 +30,12 @@ def _types(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+MODELS: set[type[BaseModel]] = set()
+
+
 def _scalar_fields() -> list[tuple[str, str, Any]]:
     """(model, field, FieldInfo) of each int, float or bool field reachable from a request body."""
-    models: set[type[BaseModel]] = set()
+    models = MODELS
     todo: list[Any] = []
     for app in APPS:
         api = importlib.import_module(f"deployments.{app}").api
@@ -61,3 +68,37 @@ def test_numbers_and_booleans_sent_as_strings_are_refused(model: str, field: str
     for text in ("2", "1.5", "true"):
         with pytest.raises(ValidationError):
             adapter.validate_python(text)
+
+
+def test_every_body_is_a_strict_body() -> None:
+    assert MODELS
+    assert [m.__name__ for m in MODELS if not issubclass(m, Strict)] == []
+
+
+class Sample(Strict):
+    count: int = Field(strict=True, ge=1)
+    maybe: int | None = Field(default=None, strict=True)
+    share: float = Field(default=0.5, strict=True)
+    flag: bool = Field(default=False, strict=True)
+
+
+@pytest.mark.parametrize(("sent", "kept"), [(2, 2), (2.0, 2), (1e3, 1000)])
+def test_an_integer_field_takes_a_whole_json_number(sent: float, kept: int) -> None:
+    body = Sample.model_validate_json(json.dumps({"count": sent, "maybe": sent}))
+    assert (body.count, body.maybe) == (kept, kept)
+    assert type(body.count) is int and type(body.maybe) is int
+
+
+@pytest.mark.parametrize("sent", ["2", 2.5, True, 0.0, float("inf")])
+def test_an_integer_field_refuses_anything_else(sent: Any) -> None:
+    with pytest.raises(ValidationError):
+        Sample.model_validate({"count": sent})
+
+
+def test_only_integer_fields_are_touched() -> None:
+    body = Sample.model_validate({"count": 1, "share": 1.0})
+    assert type(body.share) is float
+    with pytest.raises(ValidationError):
+        Sample.model_validate({"count": 1, "flag": 1.0})
+    with pytest.raises(ValidationError):  # still no unknown fields
+        Sample.model_validate({"count": 1, "other": 1})
