@@ -62,7 +62,7 @@ from models.delivery_rules import (
     route_etas_s,
 )
 from models.errors import Conflict
-from models.products import Store
+from models.products import Store, StoreNotFound
 from models.routing import RoutingProblem, queue_problem, trip_problem, trip_route
 from models.users import User
 
@@ -325,7 +325,9 @@ class FleetShard:
         """Rebuild a store's live view from PostgreSQL (partners, queue, offers, trips) and
         Redis (latest positions)."""
         async with self._tx() as s:
-            row = (await s.execute(select(Store.lat, Store.lng).where(Store.id == store_id))).one()
+            row = (await s.execute(select(Store.lat, Store.lng).where(Store.id == store_id))).one_or_none()
+            if row is None:
+                raise StoreNotFound("No such store")
             store = LiveStore(store_id, LatLng(row.lat, row.lng))
             partners = await s.execute(
                 select(delivery.Partner, User.name)

@@ -169,6 +169,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
+    for error in errors:
+        if error["loc"] == ["header", "Idempotency-Key"]:
+            missing = error["type"] == "missing"
+            return problem(
+                request,
+                400,
+                "idempotency_key_required" if missing else "invalid_idempotency_key",
+                "An Idempotency-Key header is required"
+                if missing
+                else "Idempotency-Key must be 1 to 255 printable ASCII characters",
+            )
     code = (
         errors[0]["type"] if errors and errors[0]["type"] in CUSTOM_VALIDATION_CODES else "validation_error"
     )
@@ -185,7 +196,7 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 413:
         return _too_large(request)
@@ -327,7 +338,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise StarletteHTTPException(413)  # FastAPI re-raises it to _http_error
+                    raise StarletteHTTPException(413)  # FastAPI re-raises it to http_error
             return message
 
         await self.app(scope, receive_within_limit, send)
@@ -543,15 +554,19 @@ StoreChoice = Annotated[uuid.UUID | None, Depends(browsing_store)]
 
 async def idempotency_key(
     key: Annotated[
-        str | None,
+        str,
         Header(
             alias="Idempotency-Key",
-            description="Required. One key per operation (e.g. a UUID); its retries reuse it.",
+            description="One key per operation (e.g. a UUID); its retries reuse it. 1 to 255 "
+            "printable ASCII characters: 400 `idempotency_key_required` without it, "
+            "`invalid_idempotency_key` otherwise.",
+            pattern=idempotency.KEY_PATTERN.pattern,
         ),
-    ] = None,
+    ],
 ) -> str:
-    """The Idempotency-Key header: required, 1 to 255 printable ASCII characters (400 otherwise)."""
-    return idempotency.validate_key(key)
+    """The Idempotency-Key header, declared required (a missing or malformed one is answered
+    400 by `_validation_error`, with the codes clients already handle)."""
+    return key
 
 
 IdempotencyKey = Annotated[str, Depends(idempotency_key)]
@@ -602,7 +617,7 @@ def create_api(
     api.add_middleware(RequestIdMiddleware)
     api.add_exception_handler(AppError, _app_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(StarletteHTTPException, http_error)
     # PostgreSQL and Redis errors (a 503 when the connection was the problem, see unavailable)
     # are answered inside the app: the catch-all's handler re-raises to the server's log.
     for dependency_error in (SQLAlchemyError, RedisError, *_LOST):

@@ -61,7 +61,7 @@ from models.delivery import DeliveryOut, OfferOut, PartnerIn, PartnerOut, ShiftI
 from models.delivery_rules import DeliveryActor
 from models.errors import AppError, ServiceUnavailable, Unauthorized
 from models.routing import RoutingProblem, RoutingSolution
-from models.users import Role, normalize_phone
+from models.users import Role
 
 log = logging.getLogger("vurksha.delivery")
 
@@ -97,8 +97,7 @@ async def attach_partner(body: PartnerIn, db: Db) -> PartnerOut:
     store with a vehicle, or move an idle partner to another store. Admins and ops only.
     404 `store_not_found`, 409 `role_conflict` for staff/ops/admins, 409 `partner_busy` for a
     partner moved while on a trip or holding an offer."""
-    phone = normalize_phone(body.phone, resources().settings.phone_default_region)
-    partner = await delivery.attach_partner(db, body, phone, utcnow())
+    partner = await delivery.attach_partner(db, body, utcnow())
     await db.commit()
     await fleet.on_fleet(partner.store_id, "reinstated", partner.user_id)
     return delivery.partner_out(partner)

@@ -15,10 +15,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.settings import get_settings
-from deployments.common import create_api, resources, serve_builder
+from deployments.common import create_api, http_error, resources, serve_builder
 from models.gateway import GatewayOrder, GatewayPayment, GatewayRefund
 from models.sandbox_gateway import (
     RazorpayError,
@@ -55,9 +56,19 @@ async def _bad_input(request: Request, exc: Exception) -> JSONResponse:
     return await _razorpay_error(request, validation_error(exc.errors()))
 
 
+async def _unreadable_body(request: Request, exc: Exception) -> Response:
+    """A body that cannot be parsed at all (FastAPI's own 400) in Razorpay's format too; the
+    other HTTP errors (405 with its Allow header, 413) as everywhere else."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        return await _razorpay_error(request, RazorpayError("The request body is not valid JSON"))
+    return await http_error(request, exc)
+
+
 # The sandbox answers like Razorpay, not with our problem documents.
 api.add_exception_handler(RazorpayError, _razorpay_error)
 api.add_exception_handler(RequestValidationError, _bad_input)
+api.add_exception_handler(StarletteHTTPException, _unreadable_body)
 
 _sender: WebhookSender | None = None
 
@@ -113,6 +124,9 @@ RAZORPAY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": RazorpayErrorBody, "description": "Bad input, or an unknown id (Razorpay's format)"},
     401: {"model": RazorpayErrorBody, "description": "Authentication failed (Razorpay's format)"},
 }
+
+
+ERROR_BODY_SCHEMA = f"#/components/schemas/{RazorpayErrorBody.__name__}"
 
 
 if get_settings().dev_endpoints:
@@ -185,7 +199,17 @@ if get_settings().dev_endpoints:
             webhooks_delivered=delivered,
         )
 
-    @controls.get("/checkout/{order_id}", response_class=HTMLResponse)
+    @controls.get(
+        "/checkout/{order_id}",
+        response_class=HTMLResponse,
+        # The page is HTML; its errors are Razorpay's JSON (FastAPI would document them as HTML).
+        responses={
+            400: {
+                "description": RAZORPAY_ERRORS[400]["description"],
+                "content": {"application/json": {"schema": {"$ref": ERROR_BODY_SCHEMA}}},
+            }
+        },
+    )
     async def checkout(order_id: str) -> HTMLResponse:
         """A minimal checkout page for demos: Pay and Fail buttons for the order."""
         order = await gateway().order(order_id)

@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models import orders
+from models.bodies import Strict
 from models.db import Base, new_id
 from models.delivery_rules import (
     ACTIVE_DELIVERY,
@@ -62,7 +63,7 @@ from models.errors import AppError, Conflict, Forbidden, NotFound, Unprocessable
 from models.orders import Order
 from models.payments import Payment, PaymentStatus
 from models.products import get_store
-from models.users import Role, User
+from models.users import Phone, Role, User
 
 D = DeliveryStatus
 OFFER_STATUSES = ("open", "accepted", "declined", "expired", "recalled")
@@ -224,17 +225,13 @@ class CashEntry(Base):
 # ---------------------------------------------------------------- schemas
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 Reason = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class PartnerIn(Strict):
     """Attach a user (by phone; created if new, they log in by OTP) to a store as a partner."""
 
-    phone: str = Field(min_length=3, max_length=32)
+    phone: Phone
     store_id: uuid.UUID
     vehicle: Vehicle = Vehicle.scooter
 
@@ -369,14 +366,14 @@ class CashMismatch(Unprocessable):
 # ---------------------------------------------------------------- partners
 
 
-async def attach_partner(session: AsyncSession, data: PartnerIn, phone: str, now: datetime) -> Partner:
-    """Make the user with `phone` (created if new) a partner of `data.store_id`: role partner,
+async def attach_partner(session: AsyncSession, data: PartnerIn, now: datetime) -> Partner:
+    """Make the user with `data.phone` (created if new) a partner of `data.store_id`: role partner,
     a partners row (store and vehicle updated if it exists). Admins and ops are refused (a
     demotion goes through the roles API)."""
     await get_store(session, data.store_id)
-    user = await session.scalar(select(User).where(User.phone == phone).with_for_update())
+    user = await session.scalar(select(User).where(User.phone == data.phone).with_for_update())
     if user is None:
-        user = User(phone=phone)
+        user = User(phone=data.phone)
         session.add(user)
         await session.flush()
     if user.role not in (Role.customer, Role.partner):

@@ -28,10 +28,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base
-from models.errors import BadRequest, Conflict, Unprocessable
+from models.errors import Conflict, Unprocessable
 
 # Longer than any request may run (Serve's request timeout is 30 s).
 LOCK_TIMEOUT = timedelta(seconds=60)
+# What an Idempotency-Key header may be (the ingress declares and enforces it).
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -65,16 +66,6 @@ class Claim:
     @property
     def is_replay(self) -> bool:
         return self.replay_body is not None
-
-
-def validate_key(key: str | None) -> str:
-    if key is None:
-        raise BadRequest("An Idempotency-Key header is required", code="idempotency_key_required")
-    if not KEY_PATTERN.match(key):
-        raise BadRequest(
-            "Idempotency-Key must be 1 to 255 printable ASCII characters", code="invalid_idempotency_key"
-        )
-    return key
 
 
 def fingerprint(canonical_body: bytes) -> bytes:

@@ -218,3 +218,9 @@ def live() -> Iterator[Live]:
 @pytest.fixture
 def user(live: Live) -> Session:
     return live.login()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The whole-API fuzz runs last: the random stores, products and orders it writes cannot
+    change what another test sees."""
+    items.sort(key=lambda item: item.path.name == "test_fuzz_api.py")

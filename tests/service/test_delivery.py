@@ -175,6 +175,15 @@ def kill_fleet(ops: Session, store: dict[str, Any]) -> None:
     )
 
 
+def test_unknown_stores_and_unissued_phones_are_4xx(ops: Session, shop: Shop):
+    unknown = uuid.uuid4()
+    problem(ops.request("GET", f"/delivery/stores/{unknown}/board"), 404, "store_not_found")
+    problem(ops.request("POST", f"/delivery/stores/{unknown}/round"), 404, "store_not_found")
+    problem(ops.request("POST", f"/delivery/stores/{unknown}/routes/plan"), 404, "store_not_found")
+    body = {"phone": "0000000000000000000000000000000", "store_id": shop.store_a["id"]}
+    problem(ops.request("POST", "/delivery/partners", json=body), 422, "invalid_phone")
+
+
 def test_admins_grant_and_revoke_roles_but_never_the_last_admin(live: Live, shop: Shop):
     admin = live.login()
     live.sql("UPDATE users SET role = 'admin' WHERE id = :id", id=admin.user_id)

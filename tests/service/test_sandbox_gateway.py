@@ -270,6 +270,10 @@ async def test_bad_input_and_unknown_ids_answer_in_razorpays_format(gateway, htt
         "/v1/orders", content=b"{nope", headers={"content-type": "application/json"}, auth=auth
     )
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "BAD_REQUEST_ERROR"
+    unreadable = await http.post(  # not even UTF-8: FastAPI's own 400, still in Razorpay's format
+        "/v1/orders", content=b"\xff\xfe", headers={"content-type": "application/json"}, auth=auth
+    )
+    assert unreadable.status_code == 400 and unreadable.json()["error"]["code"] == "BAD_REQUEST_ERROR"
     for fetch in (gateway.fetch_order, gateway.fetch_payment, gateway.fetch_refund):
         with pytest.raises(GatewayRejected) as unknown:
             await fetch("pay_00000000000000")
