@@ -13,8 +13,11 @@ import uuid
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
+from ortools.constraint_solver import pywrapcp
+from ortools.util import optional_boolean_pb2
 from pydantic import ValidationError
 
 from config.settings import Settings
@@ -24,9 +27,12 @@ from models.routing import (
     DropReason,
     HaversineTravelTimes,
     InfeasibleRoutes,
+    MatrixProblem,
+    MatrixVehicle,
     RoutingProblem,
     RoutingSolution,
     SolverConfig,
+    _iterated,
     check_solomon,
     load_bks,
     load_solomon,
@@ -457,3 +463,34 @@ def test_a_what_if_plan_picks_up_every_order_at_the_store_before_its_drop() -> N
         assert max(v.load_after for v in route.visits) <= settings.delivery_batch_max_orders
     # The near partner takes them all (three fit in one bag).
     assert [r.vehicle_id for r in solution.routes] == ["near"]
+
+
+def _descent_operators(problem: MatrixProblem) -> Any:
+    params = pywrapcp.DefaultRoutingSearchParameters()
+    _iterated(params, problem)
+    return params.local_search_operators
+
+
+def test_the_descent_keeps_the_moves_each_problem_needs() -> None:
+    """ILS's descent drops the moves a model cannot use, never the ones it needs: a problem with
+    optional visits keeps making visits active (else a dropped stop is never put back), one
+    with pairs keeps the pair moves; the costly neighborhoods are off for all."""
+    travel = [[[0, 5, 5], [5, 0, 5], [5, 5, 0]]]
+    mandatory = MatrixProblem(
+        travel=travel,
+        demands=[0, 1, 1],
+        windows=[(0, 100)] * 3,
+        service=[0] * 3,
+        vehicles=[MatrixVehicle(0, 0, 5, 0, 100)],
+    )
+    optional = dataclasses.replace(mandatory, drop_penalty=1000)
+    paired = dataclasses.replace(mandatory, demands=[0, 1, -1], pairs=[(1, 2)])
+    off, on = optional_boolean_pb2.BOOL_FALSE, optional_boolean_pb2.BOOL_TRUE
+    ops = {
+        name: _descent_operators(p)
+        for name, p in [("mandatory", mandatory), ("optional", optional), ("paired", paired)]
+    }
+    assert ops["mandatory"].use_make_active == off and ops["mandatory"].use_relocate_pair == off
+    assert ops["optional"].use_make_active == on and ops["optional"].use_make_inactive == on
+    assert ops["paired"].use_relocate_pair == on and ops["paired"].use_exchange_subtrip == on
+    assert all(o.use_lin_kernighan == off and o.use_relocate == on for o in ops.values())
