@@ -316,9 +316,13 @@ class FleetShard:
         if store is not None:
             return store
         lock = self._loading.setdefault(store_id, asyncio.Lock())
-        async with lock:
-            if store_id not in self._stores:
-                self._stores[store_id] = await self._load(store_id)
+        try:
+            async with lock:
+                if store_id not in self._stores:
+                    self._stores[store_id] = await self._load(store_id)
+        finally:
+            # Only while loading: an id that is no store (404) must not leave a lock behind.
+            self._loading.pop(store_id, None)
         return self._stores[store_id]
 
     async def _load(self, store_id: uuid.UUID) -> LiveStore:
