@@ -124,6 +124,8 @@ class Problem(BaseModel):
     request_id: str | None = None
 
 
+# The header that makes a write idempotent; its validation errors keep their own 400 codes.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Validation error types that are specific enough to be the problem's code.
 CUSTOM_VALIDATION_CODES = {"invalid_phone"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -170,7 +172,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     for error in errors:
-        if error["loc"] == ["header", "Idempotency-Key"]:
+        if error["loc"] == ["header", IDEMPOTENCY_HEADER]:
             missing = error["type"] == "missing"
             return problem(
                 request,
@@ -556,7 +558,7 @@ async def idempotency_key(
     key: Annotated[
         str,
         Header(
-            alias="Idempotency-Key",
+            alias=IDEMPOTENCY_HEADER,
             description="One key per operation (e.g. a UUID); its retries reuse it. 1 to 255 "
             "printable ASCII characters: 400 `idempotency_key_required` without it, "
             "`invalid_idempotency_key` otherwise.",

@@ -486,7 +486,7 @@ def drop_reason(problem: MatrixProblem, routes: Sequence[Sequence[int]], visit: 
 
 
 class _Strict(bodies.Strict):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
 
 Id = str

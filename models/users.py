@@ -174,9 +174,10 @@ class Address(TimestampMixin, Base):
 # ---------------------------------------------------------------- schemas
 
 
-def normalize_phone(raw: str, region: str | None = None) -> str:
-    """Parse a phone number (local or international form) into E.164, or raise."""
-    region = region or get_settings().phone_default_region
+def normalize_phone(raw: str) -> str:
+    """Parse a phone number (local or international form, in `phone_default_region`) into
+    E.164, or raise."""
+    region = get_settings().phone_default_region
     try:
         number = phonenumbers.parse(raw, region)
     except phonenumbers.NumberParseException:
