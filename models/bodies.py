@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import types
 import typing
+from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 
 def _plain_types(annotation: Any) -> list[Any]:
@@ -48,3 +50,16 @@ class Strict(BaseModel):
             key: int(value) if key in keys and type(value) is float and value.is_integer() else value
             for key, value in data.items()
         }
+
+
+def _date_time_string(value: Any) -> Any:
+    # JSON has no date-time: the document says `string` (RFC 3339), and pydantic's lax mode
+    # would also read a JSON number as Unix seconds (0 is 1970-01-01). Python callers may
+    # still pass a datetime.
+    if isinstance(value, str | datetime):
+        return value
+    raise PydanticCustomError("datetime_type", "Input should be an RFC 3339 date-time string")
+
+
+# A date-time in a request body: an RFC 3339 string, never a number.
+Timestamp = Annotated[datetime, BeforeValidator(_date_time_string)]

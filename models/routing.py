@@ -83,7 +83,6 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -562,7 +561,7 @@ class RoutingProblem(_Strict):
     A stop is dropped only when no vehicle can serve it; each dropped stop comes with a reason.
     """
 
-    origin: datetime | None = None
+    origin: bodies.Timestamp | None = None
     depot: Depot
     vehicles: list[RouteVehicle] = Field(min_length=1, max_length=500)
     stops: list[RouteStop] = Field(max_length=2000)

@@ -10,6 +10,7 @@ import inspect
 import json
 import types
 import typing
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import pytest
@@ -102,3 +103,32 @@ def test_only_integer_fields_are_touched() -> None:
         Sample.model_validate({"count": 1, "flag": 1.0})
     with pytest.raises(ValidationError):  # still no unknown fields
         Sample.model_validate({"count": 1, "other": 1})
+
+
+def _date_time_fields() -> list[tuple[str, str, Any]]:
+    """(model, field, FieldInfo) of each datetime field reachable from a request body."""
+    return [
+        (m.__name__, name, info)
+        for m in MODELS
+        for name, info in m.model_fields.items()
+        if datetime in _types(info.annotation)
+    ]
+
+
+DATE_TIMES = _date_time_fields()
+
+
+def test_the_walk_finds_the_date_times() -> None:
+    assert ("RoutingProblem", "origin") in {(model, field) for model, field, _ in DATE_TIMES}
+
+
+@pytest.mark.parametrize(("model", "field", "info"), DATE_TIMES, ids=[f"{m}.{f}" for m, f, _ in DATE_TIMES])
+def test_date_times_sent_as_numbers_are_refused(model: str, field: str, info: Any) -> None:
+    # The document says `string`, format date-time; pydantic's lax mode reads 0 as 1970.
+    adapter = TypeAdapter(Annotated[info.annotation, info])
+    for number in (0, 1_700_000_000, 1.5):
+        with pytest.raises(ValidationError):
+            adapter.validate_python(number)
+    assert adapter.validate_python("2026-12-07T08:00:00+05:30") == datetime(
+        2026, 12, 7, 2, 30, tzinfo=UTC
+    )
