@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # Generic API rate limits (fixed one-minute windows in Redis).
     rate_limit_per_ip_per_minute: int = Field(default=1200, ge=1)
     rate_limit_per_user_per_minute: int = Field(default=600, ge=1)
+    # How long Redis may answer who a session is before PostgreSQL is asked again. Changes
+    # made through the API take effect on the next request whatever this is; it bounds what a
+    # change made by hand in SQL (without `vurksha auth reset`) leaves cached.
+    auth_cache_ttl_seconds: int = Field(default=60, ge=1, le=3600)
 
     # Carts: live carts in sharded actors, written through to Redis.
     cart_shards: int = Field(default=4, ge=1, le=256)

@@ -1,6 +1,6 @@
 """`vurksha`: run the backend, migrate, seed, handle dead-lettered events, train and promote
-recommender models, print a running stack's memory footprint, or regenerate the OpenAPI
-document."""
+recommender models, reset the authentication cache, print a running stack's memory
+footprint, or regenerate the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -114,6 +114,17 @@ async def _outbox(database_url: str, requeue: list[int] | None) -> None:
         await engine.dispose()
 
 
+async def _reset_auth(redis_url: str) -> None:
+    from deployments.common import AuthCache
+    from models.db import make_redis
+
+    redis = make_redis(redis_url, max_connections=1)
+    try:
+        await AuthCache(redis, ttl_s=1).reset()
+    finally:
+        await redis.aclose()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vurksha", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("seed", help="load seed and demo data (idempotent)")
     dead = sub.add_parser("outbox", help="list dead-lettered outbox events, or requeue them")
     dead.add_argument("--requeue", nargs="*", type=int, metavar="ID", help="requeue these (no ids: all dead)")
+    auth = sub.add_parser(
+        "auth", help="reset: forget every cached session (after changing users by hand in SQL)"
+    )
+    auth.add_argument("action", choices=["reset"])
     footprint = sub.add_parser(
         "footprint", help="the memory (PSS) of a running stack's processes on this machine, by role"
     )
@@ -167,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
             from pipelines.seed import seed
 
             asyncio.run(seed(settings))
+    elif args.command == "auth":
+        if not settings.redis_url:
+            parser.error("REDIS_URL is not set (the embedded Redis lives only while `vurksha run` does)")
+        asyncio.run(_reset_auth(settings.redis_url))
+        print("every cached session will be read from PostgreSQL again")
     elif args.command == "footprint":
         from deployments.footprint import launchers, measure
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -81,6 +82,7 @@ class Resources:
         self.redis: Redis = make_redis(settings.redis_url)
         self.tokens = TokenService.from_settings(settings)
         self.limiter = RateLimiter(self.redis)
+        self.auth = AuthCache(self.redis, settings.auth_cache_ttl_seconds)
         self.trusted_proxies: list[IPNetwork] = [
             ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
         ]
@@ -385,7 +387,8 @@ async def get_db() -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed at the boundary before the response is sent
     (the dependency is function-scoped); any error rolls it back unless the error says the
     failure itself must be recorded."""
-    async with transaction(resources().sessionmaker) as session:
+    res = resources()
+    async with transaction(res.sessionmaker, on_auth_change=res.auth.invalidate) as session:
         yield session
 
 
@@ -427,30 +430,121 @@ def client_ip(request: HTTPConnection) -> str:
 class RateLimiter:
     """Fixed one-minute windows in Redis: one script call counts a request against several keys
     (a round trip and a single reply, about half the client CPU of a pipeline of INCR/EXPIRE
-    pairs), atomically, and sets each window's expiry when the window opens."""
+    pairs), atomically, and sets each window's expiry when the window opens. The same call
+    reads the caller's authentication cache entries (`AuthCache.keys`), so an authenticated
+    request costs one Redis round trip and no PostgreSQL query."""
 
     WINDOW = 60
     _COUNT = """
-    local counts = {}
-    for i, key in ipairs(KEYS) do
-        counts[i] = redis.call('INCR', key)
-        if counts[i] == 1 then redis.call('EXPIRE', key, ARGV[1]) end
+    local n = tonumber(ARGV[2])
+    local reply = {}
+    for i = 1, n do
+        reply[i] = redis.call('INCR', KEYS[i])
+        if reply[i] == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
     end
-    return counts
+    for i = n + 1, #KEYS do reply[i] = redis.call('GET', KEYS[i]) end
+    return reply
     """
 
     def __init__(self, redis: Redis) -> None:
         self._count = redis.register_script(self._COUNT)
 
-    async def hit(self, limits: list[tuple[str, int]]) -> int | None:
-        """Count one request against each (key, limit); return seconds to wait if any is over."""
+    async def hit(
+        self, limits: list[tuple[str, int]], read: list[str]
+    ) -> tuple[int | None, list[str | None]]:
+        """Count one request against each (key, limit) and read the keys `read`: the seconds
+        to wait if any limit is over (else None), and the values read."""
         now = time.time()
         window = int(now // self.WINDOW)
         keys = [f"rl:{key}:{window}" for key, _ in limits]
-        counts = await self._count(keys=keys, args=[self.WINDOW + 1])
+        reply = await self._count(keys=keys + read, args=[self.WINDOW + 1, len(keys)])
+        counts, values = reply[: len(keys)], reply[len(keys) :]
         if any(count > limit for count, (_, limit) in zip(counts, limits, strict=True)):
-            return self.WINDOW - int(now % self.WINDOW)
-        return None
+            return self.WINDOW - int(now % self.WINDOW), values
+        return None, values
+
+
+@dataclass(frozen=True)
+class Access:
+    """A verified token, with what Redis holds about its session (read with the rate limit)."""
+
+    claims: AccessClaims
+    entry: str | None  # the session's cache entry, if any
+    stamp: str  # the epoch and the user's generation: an entry counts only if it carries them
+
+
+class AuthCache:
+    """Who a session acts as, in Redis, so that authenticated requests need no PostgreSQL
+    query, while a revoked session, a disabled account or a changed role still takes effect on
+    the very next request.
+
+    PostgreSQL stays the truth. An entry (`auth:s:<session>`) holds the caller, or a mark that
+    the session has ended, stamped with the user's generation (`auth:g:<user>`) and a global
+    epoch (`auth:epoch`) as they were read before PostgreSQL was asked. A transaction that
+    changes a user's authentication (`note_auth_change`) bumps the generation before it
+    commits (so it fails, 503, if Redis cannot be told) and again after (so an entry filled
+    from rows read while it was in flight is stale at once). An entry whose stamp is not the
+    current one is a miss: asked of PostgreSQL and refilled. Entries live at most
+    `auth_cache_ttl_seconds` and never past their session's expiry; the epoch (`vurksha auth
+    reset`) drops every entry, for changes made by hand in SQL."""
+
+    EPOCH = "auth:epoch"
+    GENERATION_TTL = 86_400  # far longer than any entry, so a generation never comes back
+
+    def __init__(self, redis: Redis, ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+
+    @staticmethod
+    def keys(claims: AccessClaims) -> list[str]:
+        return [f"auth:s:{claims.sid}", f"auth:g:{claims.sub}", AuthCache.EPOCH]
+
+    @staticmethod
+    def access(claims: AccessClaims, values: Sequence[str | None]) -> Access:
+        entry, generation, epoch = values
+        return Access(claims, entry, f"{epoch or 0}.{generation or 0}")
+
+    async def lookup(self, claims: AccessClaims) -> Access:
+        values: list[str | None] = await self._redis.mget(self.keys(claims))  # type: ignore[assignment]
+        return self.access(claims, values)
+
+    def read(self, access: Access) -> users.Caller | None:
+        """The cached caller; None on a miss; the 401 if the cache knows the session ended."""
+        stamp, _, rest = (access.entry or "").partition("|")
+        if stamp != access.stamp:
+            return None
+        if rest == "-":
+            raise users.session_ended()
+        user_id, role, store_id = rest.split("|")
+        if user_id != str(access.claims.sub):
+            return None
+        return users.Caller(
+            id=access.claims.sub, role=users.Role(role), store_id=uuid.UUID(store_id) if store_id else None
+        )
+
+    async def fill(self, access: Access, caller: users.Caller | None, expires_at: datetime | None) -> None:
+        """Remember what PostgreSQL answered (`caller` None: the session has ended)."""
+        ttl = self._ttl_s
+        if expires_at is not None:
+            ttl = min(ttl, int((expires_at - utcnow()).total_seconds()))
+        if ttl <= 0:
+            return
+        if caller is None:
+            value = f"{access.stamp}|-"
+        else:
+            value = f"{access.stamp}|{caller.id}|{caller.role}|{caller.store_id or ''}"
+        await self._redis.set(self.keys(access.claims)[0], value, ex=ttl)
+
+    async def invalidate(self, user_ids: set[uuid.UUID]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.incr(f"auth:g:{user_id}")
+                pipe.expire(f"auth:g:{user_id}", self.GENERATION_TTL)
+            await pipe.execute()
+
+    async def reset(self) -> None:
+        """Drop every entry (after users or sessions were changed by hand in SQL)."""
+        await self._redis.incr(self.EPOCH)
 
 
 def _bearer(request: HTTPConnection) -> str | None:
@@ -458,10 +552,11 @@ def _bearer(request: HTTPConnection) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def rate_limit(request: HTTPConnection) -> AccessClaims | None:
+async def rate_limit(request: HTTPConnection) -> Access | None:
     """Per-IP limit on every request (and on every WebSocket handshake), plus a per-user
-    limit when a valid token is present. Returns the verified claims so authentication does
-    not verify twice."""
+    limit when a valid token is present. Returns the verified claims, and the session's
+    authentication cache entry read in the same round trip, so authentication neither
+    verifies twice nor asks Redis again."""
     res = resources()
     claims = None
     if token := _bearer(request):
@@ -472,9 +567,10 @@ async def rate_limit(request: HTTPConnection) -> AccessClaims | None:
     limits = [(f"ip:{client_ip(request)}", res.settings.rate_limit_per_ip_per_minute)]
     if claims is not None:
         limits.append((f"user:{claims.sub}", res.settings.rate_limit_per_user_per_minute))
-    if (retry_after := await res.limiter.hit(limits)) is not None:
+    retry_after, values = await res.limiter.hit(limits, AuthCache.keys(claims) if claims else [])
+    if retry_after is not None:
         raise TooManyRequests("Too many requests; slow down", retry_after=retry_after)
-    return claims
+    return AuthCache.access(claims, values) if claims else None
 
 
 RateLimited = Depends(rate_limit)
@@ -484,17 +580,26 @@ RateLimited = Depends(rate_limit)
 
 
 @dataclass(frozen=True)
-class Principal:
-    user: users.User
+class Principal(users.Caller):
     session_id: uuid.UUID
 
-    @property
-    def id(self) -> uuid.UUID:
-        return self.user.id
 
-    @property
-    def role(self) -> str:
-        return self.user.role
+async def authenticate(db: AsyncSession, access: Access) -> Principal:
+    """The caller of a verified token: from the authentication cache, else from PostgreSQL
+    (then cached, the 401 included)."""
+    cache = resources().auth
+    caller = cache.read(access)
+    if caller is None:
+        claims = access.claims
+        try:
+            caller, expires_at = await users.authenticate(
+                db, user_id=claims.sub, session_id=claims.sid, now=utcnow()
+            )
+        except Unauthorized:
+            await cache.fill(access, None, None)
+            raise
+        await cache.fill(access, caller, expires_at)
+    return Principal(id=caller.id, role=caller.role, store_id=caller.store_id, session_id=access.claims.sid)
 
 
 # Declares bearer auth in OpenAPI (the docs' Authorize button); the token is read below.
@@ -504,28 +609,28 @@ BEARER = HTTPBearer(auto_error=False, description="Access token from /users/auth
 async def current_principal(
     request: Request,
     db: Db,
-    claims: Annotated[AccessClaims | None, RateLimited],
+    access: Annotated[Access | None, RateLimited],
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> Principal:
-    if claims is None:
+    if access is None:
         token = _bearer(request)
         if token is None:
             raise Unauthorized("Authentication required", code="not_authenticated")
         claims = resources().tokens.verify(token)  # raises the precise 401
-    user = await users.authenticate(db, user_id=claims.sub, session_id=claims.sid, now=utcnow())
-    return Principal(user=user, session_id=claims.sid)
+        access = await resources().auth.lookup(claims)
+    return await authenticate(db, access)
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 
 
 async def optional_principal(
-    request: Request, db: Db, claims: Annotated[AccessClaims | None, RateLimited]
+    request: Request, db: Db, access: Annotated[Access | None, RateLimited]
 ) -> Principal | None:
     """The caller when a token is sent (an invalid one is still a 401), else None."""
-    if claims is None and _bearer(request) is None:
+    if access is None and _bearer(request) is None:
         return None
-    return await current_principal(request, db, claims, None)
+    return await current_principal(request, db, access, None)
 
 
 MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
@@ -534,7 +639,7 @@ MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
 async def browsing_store(
     request: Request,
     db: Db,
-    claims: Annotated[AccessClaims | None, RateLimited],
+    access: Annotated[Access | None, RateLimited],
     store_id: uuid.UUID | None = None,
     address_id: Annotated[
         uuid.UUID | None, Query(description="One of your addresses (needs a token); instead of store_id")
@@ -546,7 +651,7 @@ async def browsing_store(
         raise Unprocessable("Give store_id or address_id, not both", code="ambiguous_store")
     if address_id is None:
         return store_id
-    principal = await current_principal(request, db, claims, None)
+    principal = await current_principal(request, db, access, None)
     store = await products.store_for_address(db, principal.id, address_id)
     return store.id
 

@@ -32,6 +32,7 @@ from deployments.common import (
     Db,
     IdempotencyKey,
     Principal,
+    authenticate,
     create_api,
     require_role,
     resources,
@@ -55,7 +56,7 @@ from deployments.live import (
     TripMsg,
     serve_socket,
 )
-from models import delivery, orders, outbox, users
+from models import delivery, orders, outbox
 from models.db import utcnow
 from models.delivery import DeliveryOut, OfferOut, PartnerIn, PartnerOut, ShiftIn, StatusIn
 from models.delivery_rules import DeliveryActor
@@ -152,14 +153,14 @@ async def record_deposit(
 @api.get("/partners/me", response_model=PartnerOut, tags=["partner app"])
 async def me(principal: CurrentUser, db: Db) -> PartnerOut:
     """The calling partner: store, vehicle, shift, cash in hand."""
-    return delivery.partner_out(await delivery.partner_for(db, principal.user))
+    return delivery.partner_out(await delivery.partner_for(db, principal))
 
 
 @api.post("/partners/me/shift", response_model=PartnerOut, tags=["partner app"])
 async def shift(body: ShiftIn, principal: CurrentUser, db: Db) -> PartnerOut:
     """Go online (offers come once a fresh position is in) or offline (409 `active_delivery`
     while carrying orders; an open offer is recalled)."""
-    partner = await delivery.partner_for(db, principal.user)
+    partner = await delivery.partner_for(db, principal)
     await db.commit()
     out: PartnerOut = await fleet.on_fleet(partner.store_id, "shift", partner.user_id, body.online)
     return out
@@ -171,7 +172,7 @@ async def positions(body: delivery.PositionsIn, principal: CurrentUser, db: Db) 
     asleep). Filtered like the socket's: invalid, future, inaccurate, too close in time or
     impossibly fast points are dropped and counted by reason; points older than the live
     position go to the trail only."""
-    partner = await delivery.partner_for(db, principal.user)
+    partner = await delivery.partner_for(db, principal)
     await db.commit()
     batch = (str(partner.store_id), str(partner.user_id), body.rows())
     return IngestAck.of((await fleet.ingest([batch]))[0])
@@ -180,7 +181,7 @@ async def positions(body: delivery.PositionsIn, principal: CurrentUser, db: Db) 
 @api.get("/partners/me/offers", response_model=list[OfferOut], tags=["partner app"])
 async def my_offers(principal: CurrentUser, db: Db) -> list[OfferOut]:
     """The partner's open offer, if any (at most one), with its expiry."""
-    partner = await delivery.partner_for(db, principal.user)
+    partner = await delivery.partner_for(db, principal)
     return [
         OfferOut.model_validate(o, from_attributes=True)
         for o in await delivery.open_offers(db, partner.user_id, utcnow())
@@ -188,7 +189,7 @@ async def my_offers(principal: CurrentUser, db: Db) -> list[OfferOut]:
 
 
 async def _answer(offer_id: uuid.UUID, accept: bool, principal: Principal, db: Db) -> list[DeliveryOut]:
-    partner = await delivery.partner_for(db, principal.user)
+    partner = await delivery.partner_for(db, principal)
     await db.commit()
     await fleet.on_fleet(partner.store_id, "answer", partner.user_id, offer_id, accept)
     return await delivery.partner_trip(db, partner.user_id)
@@ -211,7 +212,7 @@ async def decline_offer(offer_id: uuid.UUID, principal: CurrentUser, db: Db) -> 
 @api.get("/partners/me/trip", response_model=list[DeliveryOut], tags=["partner app"])
 async def my_trip(principal: CurrentUser, db: Db) -> list[DeliveryOut]:
     """The partner's active deliveries in drop order: address, customer, cash to collect."""
-    partner = await delivery.partner_for(db, principal.user)
+    partner = await delivery.partner_for(db, principal)
     return await delivery.partner_trip(db, partner.user_id)
 
 
@@ -229,7 +230,7 @@ async def delivery_status(
     own deliveries (404 otherwise)."""
     actor: DeliveryActor
     if principal.role == Role.partner:
-        partner = await delivery.partner_for(db, principal.user)
+        partner = await delivery.partner_for(db, principal)
         actor, store_id = "partner", partner.store_id
     else:
         store_id = await delivery.store_of_delivery(db, delivery_id)
@@ -244,7 +245,7 @@ def _staff_actor(principal: Principal, store_id: uuid.UUID) -> DeliveryActor:
     missing delivery."""
     if principal.role in (Role.ops, Role.admin):
         return "ops" if principal.role == Role.ops else "admin"
-    if principal.role == Role.staff and orders.works_for(principal.user, store_id):
+    if principal.role == Role.staff and orders.works_for(principal, store_id):
         return "staff"
     raise delivery.DeliveryNotFound("No such delivery")
 
@@ -257,7 +258,7 @@ async def tracking(order_id: uuid.UUID, principal: CurrentUser, db: Db) -> Track
     """Where the order is: its status, the partner's first name and vehicle, their live
     position and the ETA, and the PIN once they have arrived. Only the order's customer
     (anyone else: 404, as for a missing order)."""
-    order = await orders.get_visible(db, order_id, principal.user)
+    order = await orders.get_visible(db, order_id, principal)
     if order.user_id != principal.id:
         raise orders.order_not_found()
     await db.commit()
@@ -272,7 +273,7 @@ async def board(store_id: uuid.UUID, principal: CurrentUser, db: Db) -> Board:
     ops and admins."""
     if principal.role not in (Role.staff, Role.ops, Role.admin):
         raise orders.staff_only()
-    orders.user_store_scope(principal.user, store_id)
+    orders.user_store_scope(principal, store_id)
     await db.commit()
     snapshot: Board = await fleet.on_fleet(store_id, "board")
     return snapshot
@@ -382,12 +383,13 @@ async def _open(ws: WebSocket) -> tuple[Socket, Principal]:
     try:
         body = await socket.receive(wait_s=settings.delivery_ws_auth_timeout_seconds)
         token = AuthIn.model_validate(body).token
-        claims = resources().tokens.verify(token)
-        async with resources().sessionmaker() as db:
-            user = await users.authenticate(db, user_id=claims.sub, session_id=claims.sid, now=utcnow())
+        res = resources()
+        access = await res.auth.lookup(res.tokens.verify(token))
+        async with res.sessionmaker() as db:
+            principal = await authenticate(db, access)
     except (TimeoutError, ValidationError, Unauthorized):
         raise Closed("unauthenticated") from None
-    return socket, Principal(user=user, session_id=claims.sid)
+    return socket, principal
 
 
 async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
@@ -421,7 +423,7 @@ async def partner_socket(ws: WebSocket) -> None:
         live = hub()
         async with resources().sessionmaker() as db:
             try:
-                partner = await delivery.partner_for(db, principal.user)
+                partner = await delivery.partner_for(db, principal)
             except AppError:
                 raise Closed("forbidden") from None
             # Listening before reading: an offer made meanwhile is in the read or in an event.
@@ -503,7 +505,7 @@ async def order_socket(ws: WebSocket, order_id: uuid.UUID) -> None:
         socket, principal = await _open(ws)
         try:
             async with resources().sessionmaker() as db:
-                order = await orders.get_visible(db, order_id, principal.user)
+                order = await orders.get_visible(db, order_id, principal)
         except AppError:
             raise Closed("not_found") from None
         if order.user_id != principal.id:
@@ -530,7 +532,7 @@ async def board_socket(ws: WebSocket, store_id: uuid.UUID) -> None:
     async def run() -> None:
         socket, principal = await _open(ws)
         if principal.role not in (Role.staff, Role.ops, Role.admin) or not orders.works_for(
-            principal.user, store_id
+            principal, store_id
         ):
             raise Closed("forbidden")
         live = hub()

@@ -111,14 +111,14 @@ async def store_orders(
 ) -> OrderPage:
     """A store's orders, newest first, optionally by status: staff of that store, ops and
     admins (403 `forbidden_role` otherwise)."""
-    orders.user_store_scope(principal.user, store_id)
+    orders.user_store_scope(principal, store_id)
     return await orders.list_orders(db, store_id=store_id, status=status, cursor=cursor, limit=limit)
 
 
 @api.get("/{order_id}", response_model=OrderOut, tags=["orders"])
 async def get_order(order_id: uuid.UUID, principal: CurrentUser, db: Db) -> OrderOut:
     """One order with its lines, totals, payment and history. Someone else's order is a 404."""
-    order = await orders.get_visible(db, order_id, principal.user)
+    order = await orders.get_visible(db, order_id, principal)
     return await orders.order_out(db, order, resources().settings)
 
 
@@ -127,7 +127,7 @@ async def cancel_order(order_id: uuid.UUID, body: CancelIn, principal: CurrentUs
     """Cancel your order before it is out for delivery: its stock is released, its coupon use
     given back, and anything paid refunded in full. 409 `invalid_transition` once it is out
     for delivery (or already cancelled), 409 `version_conflict` when `version` is stale."""
-    order = await orders.get_visible(db, order_id, principal.user, lock=True)
+    order = await orders.get_visible(db, order_id, principal, lock=True)
     if order.user_id != principal.id:
         raise orders.order_not_found()
     await orders.change_status(
@@ -154,11 +154,11 @@ async def transition_order(
     set those by hand only with a `reason` (422 `reason_required`), recorded in the history.
     403 `forbidden_transition` for a move the caller may not make, 409 `invalid_transition`
     for one the lifecycle does not allow, 409 `version_conflict` when `version` is stale."""
-    order = await orders.get_visible(db, order_id, principal.user, lock=True)
+    order = await orders.get_visible(db, order_id, principal, lock=True)
     actor = orders.actor_for_role(principal.role)
     if actor == "customer":
         raise orders.staff_only()
-    orders.user_store_scope(principal.user, order.store_id)
+    orders.user_store_scope(principal, order.store_id)
     await orders.change_status(
         db,
         order,

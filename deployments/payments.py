@@ -100,7 +100,7 @@ async def create_refund(body: RefundIn, principal: CurrentUser, db: Db, key: Ide
     `Idempotency-Key` returns the first refund (200) instead of refunding twice. The refund is
     `pending` until the gateway processes it; a delivered order then becomes
     `partially_refunded` or `refunded`."""
-    order = await orders.get_visible(db, body.order_id, principal.user, lock=True)
+    order = await orders.get_visible(db, body.order_id, principal, lock=True)
     payment = await payments.payment_for_order(db, order.id, lock=True)
     if payment is None:
         raise payments.NotRefundable("This order has no payment")
@@ -120,7 +120,7 @@ async def create_refund(body: RefundIn, principal: CurrentUser, db: Db, key: Ide
 @api.get("/orders/{order_id}", response_model=PaymentDetail, tags=["payments"])
 async def order_payment(order_id: uuid.UUID, principal: CurrentUser, db: Db) -> PaymentDetail:
     """An order's payment and its refunds (the order's customer, its store's staff, ops, admins)."""
-    order = await orders.get_visible(db, order_id, principal.user)
+    order = await orders.get_visible(db, order_id, principal)
     payment = await payments.payment_for_order(db, order.id)
     if payment is None:
         raise orders.order_not_found()

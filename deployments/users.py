@@ -12,6 +12,7 @@ from models import users
 from models.db import utcnow
 from models.notifications import otp_sms
 from models.users import (
+    AccountStatusIn,
     AddressIn,
     AddressOut,
     AddressPatch,
@@ -89,15 +90,15 @@ async def logout(principal: CurrentUser, db: Db) -> None:
 
 
 @api.get("/me", response_model=UserOut, tags=["profile"])
-async def me(principal: CurrentUser) -> users.User:
+async def me(principal: CurrentUser, db: Db) -> users.User:
     """The caller's profile."""
-    return principal.user
+    return await users.get_user(db, principal.id)
 
 
 @api.patch("/me", response_model=UserOut, tags=["profile"])
 async def update_me(body: UserUpdate, principal: CurrentUser, db: Db) -> users.User:
     """Update name and email. Other fields (role, phone) are rejected."""
-    return await users.update_profile(db, principal.user, body)
+    return await users.update_profile(db, await users.get_user(db, principal.id), body)
 
 
 @api.get("/me/sessions", response_model=list[SessionOut], tags=["auth"])
@@ -152,6 +153,20 @@ async def set_role(user_id: uuid.UUID, body: RoleIn, db: Db) -> UserOut:
     `admin`. 409 `last_admin` for the last active admin; 404 `user_not_found`,
     `store_not_found`. It takes effect on the user's next request."""
     return UserOut.model_validate(await users.set_role(db, user_id, body))
+
+
+@api.put(
+    "/{user_id}/status",
+    response_model=UserOut,
+    tags=["admin"],
+    dependencies=[Depends(require_role(users.Role.admin))],
+)
+async def set_status(user_id: uuid.UUID, body: AccountStatusIn, db: Db) -> UserOut:
+    """Disable an account (`active: false`: its tokens stop working on their next request,
+    and it can neither refresh nor log in) or enable it again; its sessions are kept, so an
+    enabled account's devices work again until they expire. 409 `last_admin` for the last
+    active admin; 404 `user_not_found`. Admins only."""
+    return UserOut.model_validate(await users.set_status(db, user_id, body))
 
 
 app = serve_builder(api, "users")

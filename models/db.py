@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from models.errors import AppError, Unprocessable
+
+log = logging.getLogger(__name__)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -78,22 +81,52 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+AuthHook = Callable[[set[uuid.UUID]], Awaitable[None]]
+_AUTH_CHANGED = "vurksha.auth_changed"
+
+
+def note_auth_change(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Record that this transaction changes who `user_id` is to the API (a session revoked, a
+    role or store changed, the account disabled): the boundary invalidates the user's cached
+    authentication around the commit (see `transaction`)."""
+    session.info.setdefault(_AUTH_CHANGED, set()).add(user_id)
+
+
+async def _commit(session: AsyncSession, on_auth_change: AuthHook | None) -> None:
+    changed: set[uuid.UUID] = session.info.pop(_AUTH_CHANGED, set())
+    if not changed or on_auth_change is None:
+        await session.commit()
+        return
+    # Before the commit, so a change never commits while the cache cannot be told (the
+    # request fails instead); after it, so a lookup that read the old rows while the change
+    # was in flight cannot leave them cached.
+    await on_auth_change(changed)
+    await session.commit()
+    try:
+        await on_auth_change(changed)
+    except Exception:  # committed: the cache's own expiry bounds what the failure leaves
+        log.warning("auth cache not told of a committed change", exc_info=True)
+
+
 @asynccontextmanager
-async def transaction(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+async def transaction(
+    sessionmaker: async_sessionmaker[AsyncSession], *, on_auth_change: AuthHook | None = None
+) -> AsyncIterator[AsyncSession]:
     """The boundary's transaction (a request, a socket message, an actor call): committed if
     the block ends normally, rolled back if it raises, unless the error says the failure
-    itself must be recorded (`AppError.keep_changes`, e.g. a counted wrong code)."""
+    itself must be recorded (`AppError.keep_changes`, e.g. a counted wrong code).
+    `on_auth_change` is told the users whose authentication the transaction changed."""
     async with sessionmaker() as session:
         try:
             yield session
         except AppError as exc:
-            await (session.commit() if exc.keep_changes else session.rollback())
+            await (_commit(session, on_auth_change) if exc.keep_changes else session.rollback())
             raise
         except BaseException:
             await session.rollback()
             raise
         else:
-            await session.commit()
+            await _commit(session, on_auth_change)
 
 
 def patch_changes(patch: BaseModel, required: Collection[str] | None = None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from models import orders
 from models.bodies import Strict
-from models.db import Base, new_id
+from models.db import Base, new_id, note_auth_change
 from models.delivery_rules import (
     ACTIVE_DELIVERY,
     ActiveDelivery,
@@ -63,7 +63,7 @@ from models.errors import AppError, Conflict, Forbidden, NotFound, Unprocessable
 from models.orders import Order
 from models.payments import Payment, PaymentStatus
 from models.products import get_store
-from models.users import Phone, Role, User
+from models.users import Caller, Phone, Role, User
 
 D = DeliveryStatus
 OFFER_STATUSES = ("open", "accepted", "declined", "expired", "recalled")
@@ -378,7 +378,9 @@ async def attach_partner(session: AsyncSession, data: PartnerIn, now: datetime) 
         await session.flush()
     if user.role not in (Role.customer, Role.partner):
         raise Conflict(f"This user is {user.role}: change their role first", code="role_conflict")
-    user.role = Role.partner
+    if user.role != Role.partner:
+        user.role = Role.partner
+        note_auth_change(session, user.id)
     partner = await session.get(Partner, user.id, with_for_update=True)
     if partner is None:
         partner = Partner(
@@ -393,7 +395,7 @@ async def attach_partner(session: AsyncSession, data: PartnerIn, now: datetime) 
     return partner
 
 
-async def partner_for(session: AsyncSession, user: User, *, lock: bool = False) -> Partner:
+async def partner_for(session: AsyncSession, user: Caller, *, lock: bool = False) -> Partner:
     """The caller's partner row: 403 unless they are a partner, attached and not suspended."""
     if user.role != Role.partner:
         raise NotAPartner("Only delivery partners can do this")

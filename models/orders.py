@@ -70,7 +70,7 @@ from models.payments import (
     settle_refund,
 )
 from models.products import Coupon, CouponRedemption, Inventory, decode_time_cursor, encode_cursor
-from models.users import Address, Role, User
+from models.users import Address, Caller, Role, User
 
 log = logging.getLogger("vurksha.orders")
 
@@ -762,7 +762,9 @@ async def order_out(session: AsyncSession, order: Order, settings: Settings) -> 
     )
 
 
-async def get_visible(session: AsyncSession, order_id: uuid.UUID, user: User, *, lock: bool = False) -> Order:
+async def get_visible(
+    session: AsyncSession, order_id: uuid.UUID, user: Caller, *, lock: bool = False
+) -> Order:
     """The order if this user may see it: its customer, staff of its store, ops and admins.
     Anyone else gets the same 404 as for a missing order."""
     stmt = select(Order).where(Order.id == order_id)
@@ -782,11 +784,11 @@ def staff_only() -> Forbidden:
     return Forbidden("Only store staff, ops and admins move orders along", code="forbidden_role")
 
 
-def can_see(order: Order, user: User) -> bool:
+def can_see(order: Order, user: Caller) -> bool:
     return order.user_id == user.id or works_for(user, order.store_id)
 
 
-def works_for(user: User, store_id: uuid.UUID) -> bool:
+def works_for(user: Caller, store_id: uuid.UUID) -> bool:
     """Staff work for their own store; ops and admins for every store."""
     return user.role in (Role.admin, Role.ops) or (user.role == Role.staff and user.store_id == store_id)
 
@@ -1009,7 +1011,7 @@ async def expire_reservation(session: AsyncSession, order_id: uuid.UUID, now: da
     return True
 
 
-def user_store_scope(user: User, store_id: uuid.UUID) -> None:
+def user_store_scope(user: Caller, store_id: uuid.UUID) -> None:
     if not works_for(user, store_id):
         raise Forbidden("You are not allowed to act for this store", code="forbidden_role")
 

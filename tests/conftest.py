@@ -74,6 +74,9 @@ def fake_phone() -> str:
             return phone
 
 
+_CHANGES_AUTH = re.compile(r"\s*(UPDATE|DELETE FROM|INSERT INTO)\s+(users|auth_sessions)\b", re.I)
+
+
 @dataclass
 class Live:
     base_url: str
@@ -84,8 +87,11 @@ class Live:
         headers = {"X-Forwarded-For": ip or fake_ip(), **kw.pop("headers", {})}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, **kw)
 
-    def sql(self, query: str, **params: Any) -> list[Any]:
-        """Run one statement directly in PostgreSQL (to inspect state or move a clock)."""
+    def sql(self, query: str, *, announce: bool = True, **params: Any) -> list[Any]:
+        """Run one statement directly in PostgreSQL (to inspect state or move a clock). A
+        change to users or sessions made this way is then announced as ops would after one
+        by hand (`vurksha auth reset`), so the authentication cache does not hide it, unless
+        `announce` is false."""
         from sqlalchemy import text
 
         from models.db import make_engine
@@ -99,7 +105,18 @@ class Live:
             finally:
                 await engine.dispose()
 
-        return asyncio.run(go())
+        rows = asyncio.run(go())
+        if _CHANGES_AUTH.match(query) and announce:
+            self.reset_auth_cache()
+        return rows
+
+    def reset_auth_cache(self) -> None:
+        import redis
+
+        from deployments.common import AuthCache
+
+        with redis.Redis.from_url(self.redis_url) as client:
+            client.incr(AuthCache.EPOCH)  # what `vurksha auth reset` does
 
     def outbox_code(self, client: httpx.Client, phone: str) -> str:
         response = client.get("/notifications/dev/outbox", params={"to": phone})

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import httpx
@@ -259,10 +265,85 @@ def test_bad_authorization_is_401(live: Live, header: str):
     assert response.json()["code"] in ("not_authenticated", "invalid_token")
 
 
-def test_disabled_user_loses_access_at_once(live: Live, user: Session):
-    live.sql("UPDATE users SET is_active = false WHERE id = :id", id=user.user_id)
-    assert user.request("GET", "/users/me").status_code == 401
+@pytest.fixture
+def admin(live: Live) -> Session:
+    session = live.login()
+    live.sql("UPDATE users SET role = 'admin' WHERE id = :id", id=session.user_id)
+    return session
+
+
+def test_disabled_user_loses_access_at_once_and_gets_it_back_when_enabled(
+    live: Live, user: Session, admin: Session
+):
+    assert user.request("GET", "/users/me").status_code == 200  # now cached in Redis
+    disabled = admin.request("PUT", f"/users/{user.user_id}/status", json={"active": False})
+    assert disabled.status_code == 200 and disabled.json()["is_active"] is False
+    me = user.request("GET", "/users/me")
+    assert me.status_code == 401 and me.json()["code"] == "session_revoked"
     assert refresh(user.client, user.tokens["refresh_token"]).json()["code"] == "user_disabled"
+    assert admin.request("PUT", f"/users/{user.user_id}/status", json={"active": True}).status_code == 200
+    assert user.request("GET", "/users/me").json()["is_active"] is True
+
+
+def test_account_status_is_for_admins_and_known_users(live: Live, user: Session, admin: Session):
+    response = user.request("PUT", f"/users/{admin.user_id}/status", json={"active": False})
+    assert response.status_code == 403 and response.json()["code"] == "forbidden_role"
+    response = admin.request("PUT", f"/users/{uuid.uuid4()}/status", json={"active": False})
+    assert response.status_code == 404 and response.json()["code"] == "user_not_found"
+    response = admin.request("PUT", f"/users/{user.user_id}/status", json={"active": "no"})
+    assert response.status_code == 422
+    assert user.request("GET", "/users/me").status_code == 200
+
+
+def test_sessions_are_answered_from_redis_until_postgres_is_announced_to_have_changed(
+    live: Live, user: Session
+):
+    """A revocation made by hand in SQL is not seen until `vurksha auth reset`: proof that
+    authenticated requests are answered from the cache, and that the command works."""
+    assert user.request("GET", "/users/me").status_code == 200
+    live.sql(
+        "UPDATE auth_sessions SET revoked_at = now() WHERE user_id = :id", id=user.user_id, announce=False
+    )
+    assert user.request("GET", "/users/me").status_code == 200
+    reset = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "auth", "reset"],
+        env={**os.environ, "REDIS_URL": live.redis_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert reset.returncode == 0, reset.stderr
+    me = user.request("GET", "/users/me")
+    assert me.status_code == 401 and me.json()["code"] == "session_revoked"
+
+
+def test_no_request_started_after_logout_answers_succeeds_while_requests_race_it(live: Live):
+    """Readers hammer the session while it logs out: before, they are served (from the cache);
+    once the logout has answered, every request is a 401, however the cache fills raced it."""
+    user = live.login()
+    auth = {"Authorization": f"Bearer {user.tokens['access_token']}"}
+    results: list[tuple[float, int]] = []
+    logged_out = threading.Event()
+
+    def read() -> None:
+        with live.client() as client:
+            for _ in range(25):  # 3 readers x 25 stays under the per-user limit
+                started = time.monotonic()
+                results.append((started, client.get("/users/me", headers=auth).status_code))
+                if len(results) >= 15:
+                    logged_out.set()
+
+    with ThreadPoolExecutor(3) as pool:
+        readers = [pool.submit(read) for _ in range(3)]
+        logged_out.wait(30)
+        assert user.request("POST", "/users/auth/logout").status_code == 204
+        answered = time.monotonic()
+        for reader in readers:
+            reader.result()
+    before = [status for started, status in results if started < answered]
+    after = [status for started, status in results if started > answered]
+    assert 200 in before and after, results
+    assert set(after) == {401}, results
 
 
 def test_admin_is_seeded_and_logs_in_through_otp(live: Live):

@@ -224,6 +224,7 @@ def test_admins_grant_and_revoke_roles_but_never_the_last_admin(live: Live, shop
     last = live.sql("SELECT id FROM users WHERE role = 'admin'")[0].id
     last_admin = admin if str(last) == admin.user_id else other
     problem(last_admin.request("PUT", f"/users/{last}/role", json={"role": "ops"}), 409, "last_admin")
+    problem(last_admin.request("PUT", f"/users/{last}/status", json={"active": False}), 409, "last_admin")
     live.sql("UPDATE users SET role = 'admin' WHERE phone = '+919000000001'")  # the seeded admin back
 
 

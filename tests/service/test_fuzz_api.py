@@ -5,7 +5,7 @@ calls invalid is refused. Once as customers, once as admins (so the admin write 
 fuzzed too, on random ids and bodies).
 
 Left out: the operations that end the fuzzer's own access (logout, session revocation, role
-changes, partner suspension); each has its own tests. The run is derandomized in CI (the
+and account status changes, partner suspension); each has its own tests. The run is derandomized in CI (the
 `ci` Hypothesis profile) and is collected last (`conftest.py`), so what it writes cannot
 change what another test sees. Callers rotate over a pool of users so the per-user rate limit
 does not turn the run into 429s."""
@@ -27,6 +27,7 @@ ENDS_ACCESS = [
     ("POST", "/users/auth/logout"),
     ("DELETE", "/users/me/sessions/{session_id}"),
     ("PUT", "/users/{user_id}/role"),
+    ("PUT", "/users/{user_id}/status"),
     ("POST", "/delivery/partners/{partner_id}/suspend"),
 ]
 POOL = 40
