@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from actors import named
 from config.settings import Settings, get_settings
-from models import idempotency, orders, outbox
+from models import idempotency, order_flows, orders, outbox
 from models.db import make_engine, make_sessionmaker, utcnow
 from models.gateway import RazorpayClient, make_gateway
 from models.payments import GatewayEvent
@@ -87,7 +87,7 @@ class Janitor:
                 return released
 
     async def _reconcile(self) -> int:
-        return await orders.reconcile(self._sessions, self._gateway, self.settings)
+        return await order_flows.reconcile(self._sessions, self._gateway, self.settings)
 
     async def _purge(self) -> int:
         now = utcnow()

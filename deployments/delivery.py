@@ -258,9 +258,7 @@ async def tracking(order_id: uuid.UUID, principal: CurrentUser, db: Db) -> Track
     """Where the order is: its status, the partner's first name and vehicle, their live
     position and the ETA, and the PIN once they have arrived. Only the order's customer
     (anyone else: 404, as for a missing order)."""
-    order = await orders.get_visible(db, order_id, principal)
-    if order.user_id != principal.id:
-        raise orders.order_not_found()
+    order = await orders.get_visible(db, order_id, principal, to="own")
     await db.commit()
     snapshot: Tracking = await fleet.on_fleet(order.store_id, "tracking", order.id, order.status)
     return snapshot
@@ -505,11 +503,9 @@ async def order_socket(ws: WebSocket, order_id: uuid.UUID) -> None:
         socket, principal = await _open(ws)
         try:
             async with resources().sessionmaker() as db:
-                order = await orders.get_visible(db, order_id, principal)
+                order = await orders.get_visible(db, order_id, principal, to="own")
         except AppError:
             raise Closed("not_found") from None
-        if order.user_id != principal.id:
-            raise Closed("not_found")
         live = hub()
         live.orders[order.id].add(socket)  # before the snapshot: no change can fall between
         snapshot: Tracking = await fleet.on_fleet(order.store_id, "tracking", order.id, order.status)

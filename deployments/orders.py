@@ -1,7 +1,7 @@
 """Orders service (`/orders`): checkout, the order lifecycle, history, cancellation.
 
 Checkout is the one route that manages its own transactions (idempotency phases, and a
-gateway call that must not run inside a transaction); see `models.orders.checkout`. The
+gateway call that must not run inside a transaction); see `models.order_flows.checkout`. The
 orders replicas also make sure the background actors exist: the outbox relay and the
 janitor (reservation expiry, payment reconciliation, purges)."""
 
@@ -17,7 +17,7 @@ from actors.carts import call_cart, get_shard
 from actors.jobs import janitor
 from actors.outbox import relay
 from deployments.common import CurrentUser, Db, IdempotencyKey, create_api, resources, serve_builder
-from models import orders
+from models import order_flows, orders
 from models.carts import CartState
 from models.db import utcnow
 from models.errors import AppError
@@ -71,7 +71,7 @@ async def checkout(body: CheckoutIn, principal: CurrentUser, db: Db, key: Idempo
             # version is taken). The customer sees them and clears them.
             log.warning("cart not emptied after checkout for user %s", principal.id)
 
-    status, content, replayed = await orders.checkout(
+    status, content, replayed = await order_flows.checkout(
         res.sessionmaker,
         res.gateway,
         user_id=principal.id,
@@ -127,9 +127,7 @@ async def cancel_order(order_id: uuid.UUID, body: CancelIn, principal: CurrentUs
     """Cancel your order before it is out for delivery: its stock is released, its coupon use
     given back, and anything paid refunded in full. 409 `invalid_transition` once it is out
     for delivery (or already cancelled), 409 `version_conflict` when `version` is stale."""
-    order = await orders.get_visible(db, order_id, principal, lock=True)
-    if order.user_id != principal.id:
-        raise orders.order_not_found()
+    order = await orders.get_visible(db, order_id, principal, to="own", lock=True)
     await orders.change_status(
         db,
         order,
@@ -154,16 +152,12 @@ async def transition_order(
     set those by hand only with a `reason` (422 `reason_required`), recorded in the history.
     403 `forbidden_transition` for a move the caller may not make, 409 `invalid_transition`
     for one the lifecycle does not allow, 409 `version_conflict` when `version` is stale."""
-    order = await orders.get_visible(db, order_id, principal, lock=True)
-    actor = orders.actor_for_role(principal.role)
-    if actor == "customer":
-        raise orders.staff_only()
-    orders.user_store_scope(principal, order.store_id)
+    order = await orders.get_visible(db, order_id, principal, to="move", lock=True)
     await orders.change_status(
         db,
         order,
         orders.Status(body.to),
-        actor=actor,
+        actor=orders.actor_for_role(principal.role),
         actor_user_id=principal.id,
         reason=body.reason,
         expected_version=body.version,

@@ -28,7 +28,7 @@ from deployments.common import (
     resources,
     serve_builder,
 )
-from models import orders, outbox, payments
+from models import order_flows, orders, outbox, payments
 from models.db import utcnow
 from models.errors import BadRequest, Unauthorized
 from models.gateway import WebhookEvent, verify_webhook
@@ -152,8 +152,8 @@ async def reconcile_now() -> JobResult:
 
 class _Subscriber:
     """The outbox subscriber: the relay calls `consume` through a handle, at least once per
-    event. Each effect is idempotent (see `models.orders.apply_gateway_event`,
-    `models.orders.submit_refund`)."""
+    event. Each effect is idempotent (see `models.order_flows.apply_gateway_event`,
+    `models.order_flows.submit_refund`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -164,10 +164,11 @@ class _Subscriber:
         res = resources()
         if event.topic == "gateway.event":
             async with res.sessionmaker() as session:
-                outcome = await orders.apply_gateway_event(session, str(event.payload["event_id"]), utcnow())
+                event_id = str(event.payload["event_id"])
+                outcome = await order_flows.apply_gateway_event(session, event_id, utcnow())
                 await session.commit()
         elif event.topic == "refund.requested":
-            outcome = await orders.submit_refund(
+            outcome = await order_flows.submit_refund(
                 res.sessionmaker, res.gateway, uuid.UUID(str(event.payload["refund_id"]))
             )
         else:

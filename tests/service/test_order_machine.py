@@ -41,7 +41,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from config.settings import get_settings
-from models import orders
+from models import order_flows, orders
 from models.carts import CartLine, CartState
 from models.db import make_engine, make_sessionmaker, utcnow
 from models.errors import AppError
@@ -415,9 +415,9 @@ class OrderMachine(RuleBasedStateMachine):
         payment_id = payment_id or "pay_" + secrets.token_hex(7)
         amount = order.total if right_amount else order.total + 100
 
-        async def go(s: AsyncSession) -> orders.Outcome:
+        async def go(s: AsyncSession) -> order_flows.Outcome:
             assert order.gateway_order_id is not None
-            return await orders.payment_captured(
+            return await order_flows.payment_captured(
                 s,
                 razorpay_order_id=order.gateway_order_id,
                 razorpay_payment_id=payment_id,
@@ -447,9 +447,9 @@ class OrderMachine(RuleBasedStateMachine):
     def fail_payment(self, data: st.DataObject) -> None:
         order = self.pick(data, self.online_orders(), "order")
 
-        async def go(s: AsyncSession) -> orders.Outcome:
+        async def go(s: AsyncSession) -> order_flows.Outcome:
             assert order.gateway_order_id is not None
-            return await orders.payment_failed(
+            return await order_flows.payment_failed(
                 s, razorpay_order_id=order.gateway_order_id, reason="card declined", now=utcnow()
             )
 
@@ -627,8 +627,8 @@ class OrderMachine(RuleBasedStateMachine):
         order, key = self.pick(data, self.refunds, "refund", pending)
         refund = order.refunds[key]
 
-        async def go(s: AsyncSession) -> orders.Outcome:
-            return await orders.refund_settled(
+        async def go(s: AsyncSession) -> order_flows.Outcome:
+            return await order_flows.refund_settled(
                 s,
                 refund.id,
                 processed=processed,
