@@ -245,6 +245,7 @@ def unavailable(exc: BaseException | None) -> bool:
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
     if unavailable(exc):
+        setattr(request.state, _UNAVAILABLE, True)  # RetryReadMiddleware may try once more
         log.warning("request %s: a backing service is unavailable (%s)", request_id, type(exc).__name__)
         return problem(
             request,
@@ -255,6 +256,47 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         )
     log.error("unhandled error (request %s)", request_id, exc_info=exc)
     return problem(request, 500, "internal_error", "Something went wrong on our side")
+
+
+# ---------------------------------------------------------------- reads retried once
+
+_UNAVAILABLE = "backing_service_unavailable"
+
+
+class RetryReadMiddleware:
+    """A read (GET, HEAD) that lost its PostgreSQL or Redis connection runs once more before it
+    is answered 503: by then the pool has dropped the dead connections, so the retry connects
+    afresh, and a restart or failover that is already over is not the client's problem. Reads
+    only: a write may have committed before its connection went. Pure ASGI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        retry = sent = False
+
+        async def send_unless_retrying(message: Message) -> None:
+            nonlocal retry, sent
+            if message["type"] == "http.response.start" and state.pop(_UNAVAILABLE, False):
+                retry = True  # the 503 of the first attempt is dropped, body and all
+            if not retry:
+                sent = True
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_unless_retrying)
+        except Exception as exc:  # one the app's handlers re-raise to the server
+            if sent or not unavailable(exc):
+                raise
+            retry = True
+        if retry:
+            log.info("request %s: retrying a read on a fresh connection", state.get("request_id"))
+            state.pop(_UNAVAILABLE, None)
+            await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------- request id
@@ -719,6 +761,7 @@ def create_api(
         version="0.1.0",
         responses=ERROR_RESPONSES,
     )
+    api.add_middleware(RetryReadMiddleware)
     api.add_middleware(RequestTimeoutMiddleware)
     api.add_middleware(BodyLimitMiddleware, limits=body_limits or {})
     api.add_middleware(RequestIdMiddleware)

@@ -5,6 +5,7 @@ Retry-After while the server is away, never a 500; and reads work again once it 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -14,7 +15,9 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import asyncpg
 import httpx
 import pgserver
 import pytest
@@ -108,9 +111,41 @@ def test_a_postgresql_restart_under_load_is_503s_with_retry_after_not_500s(
         stop.set()
         for reader in readers:
             reader.join()
+    # A read that lost its connection is retried once, so a quick restart may cost no 503 at
+    # all; one that outlasts the retry is a 503, never a 500.
     assert set(statuses) <= {200, 503}, statuses
-    assert statuses[503] > 0 and statuses[200] > 0, statuses
+    assert statuses[200] > 0, statuses
     for response in unavailable:
         assert response.json()["code"] == "service_unavailable" and response.headers["Retry-After"] == "1"
     with httpx.Client(base_url=products_app, timeout=30) as client:
         assert all(client.get("/categories").status_code == 200 for _ in range(20))
+
+
+def test_a_read_whose_connections_were_cut_is_retried_on_a_fresh_one(
+    products_app: str, own_postgres: tuple[str, PostgresServer]
+) -> None:
+    """Every pooled connection of the app is killed between two reads (as a failover or a
+    proxy's idle cut does): the next read fails on its dead connection and is answered from
+    the retry, 200, where it used to be a 503."""
+    url, _ = own_postgres
+    with httpx.Client(base_url=products_app, timeout=30) as client:
+        # Concurrent reads, so the pool holds several connections to cut.
+        with ThreadPoolExecutor(4) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda _: client.get("/categories"), range(8)))
+
+        async def cut() -> int:
+            conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                return int(
+                    await conn.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                    )
+                )
+            finally:
+                await conn.close()
+
+        assert asyncio.run(cut()) >= 1
+        statuses = [client.get("/categories").status_code for _ in range(10)]
+    assert statuses == [200] * 10, statuses
+
