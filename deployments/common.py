@@ -538,8 +538,13 @@ class AuthCache:
         self._ttl_s = ttl_s
 
     @staticmethod
+    def _generation_key(user_id: uuid.UUID) -> str:
+        return f"auth:g:{user_id}"
+
+    @staticmethod
     def keys(claims: AccessClaims) -> list[str]:
-        return [f"auth:s:{claims.sid}", f"auth:g:{claims.sub}", AuthCache.EPOCH]
+        """The session's entry, the user's generation and the epoch, in that order."""
+        return [f"auth:s:{claims.sid}", AuthCache._generation_key(claims.sub), AuthCache.EPOCH]
 
     @staticmethod
     def access(claims: AccessClaims, values: Sequence[str | None]) -> Access:
@@ -580,8 +585,8 @@ class AuthCache:
     async def invalidate(self, user_ids: set[uuid.UUID]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for user_id in user_ids:
-                pipe.incr(f"auth:g:{user_id}")
-                pipe.expire(f"auth:g:{user_id}", self.GENERATION_TTL)
+                pipe.incr(self._generation_key(user_id))
+                pipe.expire(self._generation_key(user_id), self.GENERATION_TTL)
             await pipe.execute()
 
     async def reset(self) -> None:

@@ -727,31 +727,36 @@ async def list_sessions(
 # ---------------------------------------------------------------- profile
 
 
-async def _lock_admins(session: AsyncSession) -> list[uuid.UUID]:
-    """The active admins, locked in id order: role and status changes that could leave no
-    admin serialise on these rows."""
-    return list(
+async def _lock_for_admin_change(session: AsyncSession, user_id: uuid.UUID) -> tuple[User, bool]:
+    """The user, locked, and whether they are the last active admin. The active admins' rows
+    are locked first, in id order, so role and status changes that could leave no admin
+    serialise on them: two admins demoting each other at once cannot leave none."""
+    admins = list(
         await session.scalars(
             select(User.id).where(User.role == Role.admin, User.is_active).order_by(User.id).with_for_update()
         )
     )
-
-
-async def set_role(session: AsyncSession, user_id: uuid.UUID, data: RoleIn) -> User:
-    """Grant or revoke a role (admins only, checked by the caller). The admins' rows are
-    locked first, so two admins demoting each other at once cannot leave none: the last
-    active admin cannot lose the role (409 `last_admin`). Takes effect on the user's next
-    request (roles are read from the database, not the token)."""
-    admins = await _lock_admins(session)
     user = await session.get(User, user_id, with_for_update=True)
     if user is None:
         raise NotFound("No such user", code="user_not_found")
+    return user, admins == [user.id]
+
+
+def _last_admin() -> Conflict:
+    return Conflict("This is the last admin: make another admin first", code="last_admin")
+
+
+async def set_role(session: AsyncSession, user_id: uuid.UUID, data: RoleIn) -> User:
+    """Grant or revoke a role (admins only, checked by the caller): the last active admin
+    cannot lose the role (409 `last_admin`, see `_lock_for_admin_change`). Takes effect on the user's next
+    request (roles are read from the database, not the token)."""
+    user, last_admin = await _lock_for_admin_change(session, user_id)
     if data.role == Role.staff and data.store_id is None:
         raise Unprocessable("Staff work in a store: give its store_id", code="store_required")
     if data.role != Role.staff and data.store_id is not None:
         raise Unprocessable("Only staff are bound to a store here", code="store_not_allowed")
-    if user.role == Role.admin and data.role != Role.admin and admins == [user.id]:
-        raise Conflict("This is the last admin: make another admin first", code="last_admin")
+    if last_admin and data.role != Role.admin:
+        raise _last_admin()
     if data.store_id is not None and not await session.scalar(
         text("SELECT EXISTS (SELECT 1 FROM stores WHERE id = :id)"), {"id": data.store_id}
     ):
@@ -766,12 +771,9 @@ async def set_role(session: AsyncSession, user_id: uuid.UUID, data: RoleIn) -> U
 async def set_status(session: AsyncSession, user_id: uuid.UUID, data: AccountStatusIn) -> User:
     """Disable or enable an account (admins only, checked by the caller); the last active
     admin cannot be disabled (409 `last_admin`), under the same lock as `set_role`."""
-    admins = await _lock_admins(session)
-    user = await session.get(User, user_id, with_for_update=True)
-    if user is None:
-        raise NotFound("No such user", code="user_not_found")
-    if not data.active and admins == [user.id]:
-        raise Conflict("This is the last admin: make another admin first", code="last_admin")
+    user, last_admin = await _lock_for_admin_change(session, user_id)
+    if last_admin and not data.active:
+        raise _last_admin()
     user.is_active = data.active
     note_auth_change(session, user.id)
     await session.flush()
