@@ -46,7 +46,7 @@ from config.logging import setup_logging
 from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
 from models import idempotency, products, users
-from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
+from models.db import make_engine, make_redis, make_sessionmaker, read_only, transaction, utcnow
 from models.errors import (
     AppError,
     Forbidden,
@@ -79,6 +79,7 @@ class Resources:
             max_overflow=settings.db_max_overflow,
         )
         self.sessionmaker: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
+        self.read_sessionmaker: async_sessionmaker[AsyncSession] = make_sessionmaker(read_only(self.engine))
         self.redis: Redis = make_redis(settings.redis_url)
         self.tokens = TokenService.from_settings(settings)
         self.limiter = RateLimiter(self.redis)
@@ -263,6 +264,10 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 _UNAVAILABLE = "backing_service_unavailable"
 
 
+# The methods that only read: retried once on a lost connection, and run in autocommit.
+_READS = frozenset({"GET", "HEAD"})
+
+
 class RetryReadMiddleware:
     """A read (GET, HEAD) that lost its PostgreSQL or Redis connection runs once more before it
     is answered 503: by then the pool has dropped the dead connections, so the retry connects
@@ -273,7 +278,7 @@ class RetryReadMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+        if scope["type"] != "http" or scope["method"] not in _READS:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -425,11 +430,16 @@ class RequestTimeoutMiddleware:
 # ---------------------------------------------------------------- DB session
 
 
-async def get_db() -> AsyncIterator[AsyncSession]:
+async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed at the boundary before the response is sent
     (the dependency is function-scoped); any error rolls it back unless the error says the
-    failure itself must be recorded."""
+    failure itself must be recorded. A GET or HEAD only reads: its statements run in
+    autocommit, with no BEGIN or COMMIT, and one that would write is refused."""
     res = resources()
+    if request.method in _READS:
+        async with res.read_sessionmaker() as session:
+            yield session
+        return
     async with transaction(res.sessionmaker, on_auth_change=res.auth.invalidate) as session:
         yield session
 

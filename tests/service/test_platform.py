@@ -20,7 +20,7 @@ from sqlalchemy import make_url, text
 from deployments.common import resolve_client_ip
 from deployments.launcher import SERVE_CONFIG
 from deployments.openapi import OPENAPI_FILE, WEBSOCKETS_FILE, render, render_websockets
-from models.db import make_engine
+from models.db import WriteInRead, make_engine, make_sessionmaker, read_only
 from models.migrate import downgrade, upgrade
 from tests.conftest import ROOT, Live, Session, fake_ip, production_app
 
@@ -172,6 +172,42 @@ def test_migrations_run_down_and_up_from_empty(live: Live):
     upgrade(url)
     downgrade(url, "base")
     upgrade(url)
+
+
+def test_reads_run_without_a_transaction_and_writes_are_refused_before_they_are_sent(live: Live):
+    """The engine GET and HEAD requests use: no BEGIN (two statements of one session are two
+    transactions, so their now() differ); a write or a row lock never reaches PostgreSQL."""
+    marker = f"read-only-{time.time_ns()}"
+
+    async def go() -> tuple[bool, list[str]]:
+        engine = make_engine(live.database_url, pool_size=1, max_overflow=0)
+        try:
+            async with make_sessionmaker(read_only(engine))() as db:
+                first = await db.scalar(text("SELECT now()"))
+                second = await db.scalar(text("SELECT now()"))
+                refused = []
+                for statement in (
+                    "INSERT INTO stores (id, name) VALUES (gen_random_uuid(), :m)",
+                    "UPDATE stores SET name = :m WHERE false",
+                    "WITH gone AS (DELETE FROM stores WHERE name = :m RETURNING id) SELECT 1",
+                    "SELECT id FROM stores LIMIT 1 FOR UPDATE",
+                    "SELECT id FROM stores LIMIT 1 FOR NO KEY UPDATE",
+                ):
+                    with pytest.raises(WriteInRead):
+                        await db.execute(text(statement), {"m": marker} if ":m" in statement else {})
+                    refused.append(statement.split()[0])
+                assert await db.scalar(text("SELECT count(*) FROM stores")) is not None
+            async with engine.begin() as conn:  # the engine it came from still writes
+                await conn.execute(text("CREATE TEMP TABLE scratch (x int)"))
+                await conn.execute(text("INSERT INTO scratch VALUES (1)"))
+            return first != second, refused
+        finally:
+            await engine.dispose()
+
+    separate, refused = asyncio.run(go())
+    assert separate, "two reads of one session ran in one transaction"
+    assert len(refused) == 5
+    assert live.sql("SELECT count(*) FROM stores WHERE name = :m", m=marker)[0][0] == 0
 
 
 def test_dev_outbox_is_404_in_production(live: Live):
