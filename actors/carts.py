@@ -28,7 +28,7 @@ from ray.actor import ActorHandle
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from actors import call, named, shard_index
+from actors import call, named, shard_index, steady_gc
 from config.settings import Settings, get_settings
 from models import carts
 from models.carts import (
@@ -88,6 +88,7 @@ class CartShard:
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
         self._redis: Redis | None = None
         self._last_sweep = time.monotonic()
+        steady_gc()
 
     # ------------------------------------------------------------ resources
 

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from threadpoolctl import threadpool_limits
 
+from actors import steady_gc
 from config.loopback import serve_grpc_on_loopback
 from config.settings import get_settings
 from models import recommender
@@ -54,6 +55,7 @@ class Recommender:
         # The production model is in memory before the replica takes its first request.
         await self._refresh()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        steady_gc()
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """`user_config`: `version` pins one (null follows the registry), `poll_seconds`."""

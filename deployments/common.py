@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Every table on the metadata in every replica: foreign keys cross domains (users.store_id ->
 # stores), and the ORM resolves them when it orders a flush.
 import models.tables  # noqa: F401
+from actors import steady_gc
 from config.logging import setup_logging
 from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
@@ -831,6 +832,7 @@ class _Ingress:
         serve_grpc_on_loopback()
         setup_logging(get_settings().log_level)
         resources()  # fail the replica at start, not on the first request, if config is bad
+        steady_gc()
 
     async def __del__(self) -> None:
         if _resources is not None:
