@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -15,6 +17,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import DateTime, MetaData, event, func
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util.concurrency import await_
+from sqlalchemy.util.queue import Empty, Full, QueueCommon
 
 from models.errors import AppError, Unprocessable
 
@@ -55,9 +60,70 @@ def async_url(url: str) -> str:
     raise ValueError("DATABASE_URL must be a PostgreSQL URL")
 
 
+class _FairQueue(QueueCommon[Any]):
+    """The pool's idle connections, handed out first come, first served. SQLAlchemy's asyncio
+    queue lets a newcomer take a connection that was just returned for a waiter, and the
+    waiter then queues again at the back: at 32 concurrent requests on one replica a few
+    waited hundreds of milliseconds (p99 350 ms against a p50 of 55 ms). Here a returned
+    connection goes straight to the longest waiter."""
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize, self.use_lifo = maxsize, use_lifo
+        self._idle: deque[Any] = deque()
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+
+    def empty(self) -> bool:
+        return not self._idle
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._idle)
+
+    def qsize(self) -> int:
+        return len(self._idle)
+
+    def put_nowait(self, item: Any) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return
+        if self.full():
+            raise Full()
+        self._idle.append(item)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)  # the pool only puts back what it took: never more than maxsize
+
+    def get_nowait(self) -> Any:
+        if not self._idle:
+            raise Empty()
+        return self._idle.pop() if self.use_lifo else self._idle.popleft()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if self._idle or not block:
+            return self.get_nowait()
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await_(asyncio.wait_for(waiter, timeout))
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.put_nowait(waiter.result())  # handed over as the wait ended: pass it on
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise Empty() from exc
+            raise
+
+
+class FairPool(AsyncAdaptedQueuePool):
+    _queue_class = _FairQueue
+
+
 def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5) -> AsyncEngine:
     return create_async_engine(
         async_url(url),
+        poolclass=FairPool,
         pool_size=pool_size,
         max_overflow=max_overflow,
         # No pre-ping: it is a round trip on every checkout (~0.1 ms of CPU and 0.15 ms of wall
