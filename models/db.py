@@ -160,8 +160,16 @@ _WRITE = re.compile(
 )
 
 
+_verdicts: dict[str, bool] = {}  # statement -> is a read (SQLAlchemy reuses its SQL strings)
+
+
 def _refuse_writes(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-    if not _READ.match(statement) or _WRITE.search(statement):
+    read = _verdicts.get(statement)
+    if read is None:
+        read = bool(_READ.match(statement)) and not _WRITE.search(statement)
+        if len(_verdicts) < 4096:
+            _verdicts[statement] = read
+    if not read:
         raise WriteInRead(f"not a read: {statement[:80]!r}")
 
 
