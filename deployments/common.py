@@ -106,9 +106,13 @@ _resources: Resources | None = None
 
 
 def resources() -> Resources:
+    """This process's resources, made by its first caller: at a replica's start, or at an app's
+    first request under bare uvicorn. The process is then a loaded server, and tunes its
+    collector for it (`steady_gc`)."""
     global _resources
     if _resources is None:
         _resources = Resources(get_settings())
+        steady_gc()
     return _resources
 
 
@@ -832,7 +836,6 @@ class _Ingress:
         serve_grpc_on_loopback()
         setup_logging(get_settings().log_level)
         resources()  # fail the replica at start, not on the first request, if config is bad
-        steady_gc()
 
     async def __del__(self) -> None:
         if _resources is not None:
