@@ -12,9 +12,11 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def bare_uvicorn(app: str, root_path: str) -> Iterator[str]:
+    """One service's FastAPI app (`deployments.<name>:api`) alone under plain uvicorn (one
+    worker, no access log) at this process's niceness, against the backend's PostgreSQL and
+    Redis (the environment the launcher exported, the dev signing key included, so the same
+    tokens work): the baseline for the same route through Serve. Yields its base URL once
+    healthy."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--no-access-log", "--log-level", "warning", "--root-path", root_path]
+    server = subprocess.Popen(command, cwd=ROOT, env=os.environ.copy())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        else:
+            raise SystemExit(f"{app} did not become healthy under uvicorn")
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def login(base: str, phone: str = "+919000000777") -> str:

@@ -4,7 +4,10 @@ ingress, one replica per deployment, the seed's data and first recommender model
 customers and the imported histories, each at the store of their latest order). Beside each
 route, the CPU time a request cost the five processes that spent most (replica, actors,
 HAProxy, PostgreSQL...), read from /proc around the run, and first `GET /users/healthz` (a
-PostgreSQL and a Redis round trip) as the platform's floor in the same run.
+PostgreSQL and a Redis round trip) as the platform's floor in the same run. Where the route's
+app can run alone (users, products, search without the Recommender), the same app under bare
+uvicorn (one worker, nice 15) right after it, and the ratio Serve/uvicorn: a figure to watch,
+not a goal (the faster our code, the more Serve's own cost shows).
 
     python -m tests.bench.hot_paths [--seconds 10] [--concurrency 32]
 
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from contextlib import ExitStack
 
 import psutil
 
 from tests.bench.common import (
+    WrkRequest,
     at_bench_niceness,
+    bare_uvicorn,
     bench_arguments,
     bench_environment,
     known_customers,
@@ -55,6 +61,14 @@ def _per_request_cpu(
     return "\n".join(f"    {ms:6.3f} ms  {name}" for name, ms in shown)
 
 
+def _requests(url: str, tokens: dict[str, str], stores: dict[str, str]) -> list[WrkRequest]:
+    """`url` for each customer: their token, their store in place of `{store}`."""
+    return [
+        ("GET", url.replace("{store}", stores[phone]), {"Authorization": f"Bearer {token}"}, None)
+        for phone, token in tokens.items()
+    ]
+
+
 def main() -> None:
     args = bench_arguments(__doc__, seconds=10, concurrency=32)
     bench_environment()
@@ -83,34 +97,40 @@ def main() -> None:
         stores, product = asyncio.run(facts())
         tokens = {phone: login(base, phone) for phone in phones}
         at_bench_niceness()
+        # Each route, and the app that serves it alone under bare uvicorn for the baseline
+        # (None: it needs Ray, the cart shards or the Recommender deployment).
         routes = [
-            "/users/healthz (floor)",
-            "/users/me",
-            "/products?store_id={store}&limit=20",
-            "/products/{id}?store_id={store}",
-            "/search?q=chocolate&store_id={store}",
-            "/carts/me",
-            "/search/recommendations?store_id={store}&limit=10",
-            "/search/recommendations/similar/{id}?store_id={store}&limit=10",
+            ("/users/healthz (floor)", "users"),
+            ("/users/me", "users"),
+            ("/products?store_id={store}&limit=20", "products"),
+            ("/products/{id}?store_id={store}", "products"),
+            ("/search?q=chocolate&store_id={store}", "search"),
+            ("/carts/me", None),
+            ("/search/recommendations?store_id={store}&limit=10", None),
+            ("/search/recommendations/similar/{id}?store_id={store}&limit=10", None),
         ]
         print(f"\n{len(tokens)} customers, wrk -c{args.concurrency}, {args.seconds:g} s per route")
-        for route in routes:
-            path = route.removesuffix(" (floor)").replace("{id}", product)
-            requests = [
-                (
-                    "GET",
-                    base + path.replace("{store}", stores[phone]),
-                    {"Authorization": f"Bearer {token}"},
-                    None,
-                )
-                for phone, token in tokens.items()
-            ]
-            wrk(requests, 2, args.concurrency)  # warm-up: connections, caches, the shards' carts
-            before = _cpu_seconds()
-            figures = wrk(requests, args.seconds, args.concurrency)
-            after = _cpu_seconds()
-            report(route.split("?")[0], figures, name_width=44)
-            print(_per_request_cpu(before, after, int(figures["requests"])))
+        with ExitStack() as bare:
+            alone: dict[str, str] = {}  # service -> its bare uvicorn's base URL, started once
+            for route, service in routes:
+                path = route.removesuffix(" (floor)").replace("{id}", product)
+                serve_requests = _requests(base + path, tokens, stores)
+                wrk(serve_requests, 2, args.concurrency)  # warm-up: connections, caches, the carts
+                before = _cpu_seconds()
+                figures = wrk(serve_requests, args.seconds, args.concurrency)
+                after = _cpu_seconds()
+                report(route.split("?")[0], figures, name_width=44)
+                print(_per_request_cpu(before, after, int(figures["requests"])))
+                if service is None:
+                    print("    (no bare-uvicorn baseline: the app needs Ray)")
+                    continue
+                if service not in alone:
+                    alone[service] = bare.enter_context(bare_uvicorn(f"deployments.{service}:api", f"/{service}"))
+                bare_requests = _requests(alone[service] + path.removeprefix(f"/{service}"), tokens, stores)
+                wrk(bare_requests, 2, args.concurrency)
+                floor = wrk(bare_requests, args.seconds, args.concurrency)
+                report("    same app, bare uvicorn", floor, name_width=44)
+                print(f"    Serve/uvicorn {figures['rps'] / floor['rps']:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,19 +11,11 @@ CPU-competing client: compare the ratio, not absolutes.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
-
 from tests.bench.common import (
-    ROOT,
     at_bench_niceness,
+    bare_uvicorn,
     bench_arguments,
     bench_environment,
-    free_port,
     login,
     report,
     wrk,
@@ -42,43 +34,14 @@ def main() -> None:
         token = login(serve_base)
         headers = {"Authorization": f"Bearer {token}"}
         at_bench_niceness()  # the uvicorn baseline inherits it
-        port = free_port()
-        uvicorn = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "deployments.users:api",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--root-path",
-                "/users",
-            ],
-            cwd=ROOT,
-            env=os.environ.copy(),
-        )
-        try:
-            for _ in range(100):
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                        break
-                except httpx.ConnectError:
-                    time.sleep(0.2)
-            results = {}
+        results = {}
+        with bare_uvicorn("deployments.users:api", "/users") as bare_base:
             for name, url in (
                 ("Serve (HAProxy ingress)", f"{serve_base}/users/me"),
-                ("uvicorn (bare, 1 worker)", f"http://127.0.0.1:{port}/me"),
+                ("uvicorn (bare, 1 worker)", f"{bare_base}/me"),
             ):
                 wrk([("GET", url, headers, None)], 2, args.concurrency)  # warm up pools and caches
                 results[name] = wrk([("GET", url, headers, None)], args.seconds, args.concurrency)
-        finally:
-            uvicorn.terminate()
-            uvicorn.wait(timeout=10)
 
     print(f"\nGET /users/me, {args.concurrency} concurrent clients, {args.seconds:.0f} s each")
     for name, r in results.items():
