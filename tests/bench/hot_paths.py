@@ -126,7 +126,9 @@ def main() -> None:
                     continue
                 if service not in alone:
                     alone[service] = bare.enter_context(bare_uvicorn(f"deployments.{service}:api", f"/{service}"))
-                bare_requests = _requests(alone[service] + path.removeprefix(f"/{service}"), tokens, stores)
+                within = path.removeprefix(f"/{service}")  # the app's own path ("/?q=" for "?q=")
+                within = within if within.startswith("/") else "/" + within
+                bare_requests = _requests(alone[service] + within, tokens, stores)
                 wrk(bare_requests, 2, args.concurrency)
                 floor = wrk(bare_requests, args.seconds, args.concurrency)
                 report("    same app, bare uvicorn", floor, name_width=44)
