@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from actors import fleet, steady_gc
+from actors import fleet
 from actors.fleet import Board, PositionBatch, Tracking, read_tracking
 from models.delivery import DeliveryOut, OfferOut, PartnerOut, PositionIn, PositionRow
 
@@ -331,7 +331,6 @@ class Hub:
 
     def start(self) -> None:
         if not self._tasks:
-            steady_gc()
             self._tasks = [
                 asyncio.create_task(self._listen()),
                 asyncio.create_task(self._flush_positions()),
