@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     sms_from: str = "VURKSHA"
     enable_dev_endpoints: bool | None = None
 
+    # Push: FCM HTTP v1, authorised by OAuth2 access tokens minted from a service-account key
+    # (the JSON file Google issues). Outside production an empty base URL and key file mean the
+    # local FCM stand-in (mounted at /notifications/dev/fcm) and a key generated into the data
+    # dir whose token_uri is the stand-in's.
+    fcm_base_url: str = ""
+    fcm_service_account_file: Path | None = None
+    # Email over SMTP (aiosmtplib). An empty host means the local dev SMTP server that the
+    # notifications service runs outside production on `dev_smtp_port` (its mail shows in the
+    # dev outbox).
+    smtp_host: str = ""
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_tls: Literal["starttls", "implicit", "none"] = "starttls"
+    email_from: str = "Vurksha <orders@vurksha.example>"
+    dev_smtp_port: int = Field(default=8025, ge=1, le=65535)
+
     # Every HTTP request ends within this (504 `request_timeout`). WebSockets are not requests
     # with an end: a tracking socket lives as long as its delivery.
     http_request_timeout_seconds: float = Field(default=30, gt=0)
@@ -262,6 +279,10 @@ class Settings(BaseSettings):
                 "VURKSHA_SMS_PROVIDER=http with VURKSHA_SMS_ACCOUNT_SID and "
                 "VURKSHA_SMS_AUTH_TOKEN is required"
             )
+        if not self.fcm_base_url.startswith("https://") or self.fcm_service_account_file is None:
+            problems.append("VURKSHA_FCM_BASE_URL (https) and VURKSHA_FCM_SERVICE_ACCOUNT_FILE must be set")
+        if not self.smtp_host:
+            problems.append("VURKSHA_SMTP_HOST must name a real SMTP server")
         if self.enable_dev_endpoints:
             problems.append("VURKSHA_ENABLE_DEV_ENDPOINTS is not allowed in production")
         if self.admin_phone == DEV_ADMIN_PHONE:
@@ -295,6 +316,21 @@ class Settings(BaseSettings):
     def gateway_webhook_url(self) -> str:
         """Where the sandbox gateway posts webhooks: our own receiver unless overridden."""
         return self.sandbox_webhook_url or f"http://127.0.0.1:{self.http_port}/payments/webhooks/razorpay"
+
+    @property
+    def fcm_api_base(self) -> str:
+        """FCM's API root (`.../v1/projects/{project}/messages:send` hangs off it)."""
+        return self.fcm_base_url or f"http://127.0.0.1:{self.http_port}/notifications/dev/fcm"
+
+    @property
+    def fcm_key_file(self) -> Path:
+        return self.fcm_service_account_file or (self.data_dir / "fcm" / "service-account.json")
+
+    @property
+    def smtp_address(self) -> tuple[str, int]:
+        if self.smtp_host:
+            return self.smtp_host, self.smtp_port
+        return "127.0.0.1", self.dev_smtp_port
 
     @property
     def key_file(self) -> Path:

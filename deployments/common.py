@@ -57,7 +57,7 @@ from models.errors import (
     Unprocessable,
 )
 from models.gateway import RazorpayClient, make_gateway
-from models.notifications import SmsProvider, make_sms_provider
+from models.channels import SmsProvider, make_sms_provider
 from models.tokens import AccessClaims, TokenService
 
 log = logging.getLogger("vurksha.http")

@@ -8,14 +8,18 @@ from typing import Annotated
 from fastapi import Query
 
 from config.settings import get_settings
+from deployments import sandbox_fcm
 from deployments.common import create_api, resources, serve_builder
-from models.notifications import DevOutbox, OutboxMessage
+from models.channels import DevOutbox, OutboxMessage
 from models.users import Phone
 
 api = create_api(
     "notifications",
     title="Vurksha notifications",
     description="Push (FCM), SMS and email; per-user preferences; templates; retries.",
+    # The FCM stand-in (outside production only): its callers are our own replicas, which a
+    # real FCM would not count against our per-IP limits.
+    unlimited=sandbox_fcm.router if get_settings().dev_endpoints else None,
 )
 
 if get_settings().dev_endpoints:

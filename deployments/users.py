@@ -10,7 +10,7 @@ from fastapi import Depends, Request, Response
 from deployments.common import CurrentUser, Db, client_ip, create_api, require_role, resources, serve_builder
 from models import users
 from models.db import utcnow
-from models.notifications import otp_sms
+from models.channels import otp_sms
 from models.users import (
     AccountStatusIn,
     AddressIn,

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from config.logging import RedactSecrets
 from models.errors import ServiceUnavailable
-from models.notifications import TwilioSms, otp_sms
+from models.channels import TwilioSms, otp_sms
 
 SID, TOKEN = "AC0123456789abcdef", "auth-token-xyz"
 
