@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     # local FCM stand-in (mounted at /notifications/dev/fcm) and a key generated into the data
     # dir whose token_uri is the stand-in's.
     fcm_base_url: str = ""
-    fcm_service_account_file: Path | None = None
+    fcm_service_account: SecretStr | None = None  # the key's JSON text (e.g. from a k8s Secret) ...
+    fcm_service_account_file: Path | None = None  # ... or the file it is in
     # Email over SMTP (aiosmtplib). An empty host means the local dev SMTP server that the
     # notifications service runs outside production on `dev_smtp_port` (its mail shows in the
     # dev outbox).
@@ -279,8 +280,13 @@ class Settings(BaseSettings):
                 "VURKSHA_SMS_PROVIDER=http with VURKSHA_SMS_ACCOUNT_SID and "
                 "VURKSHA_SMS_AUTH_TOKEN is required"
             )
-        if not self.fcm_base_url.startswith("https://") or self.fcm_service_account_file is None:
-            problems.append("VURKSHA_FCM_BASE_URL (https) and VURKSHA_FCM_SERVICE_ACCOUNT_FILE must be set")
+        if not self.fcm_base_url.startswith("https://") or not (
+            self.fcm_service_account or self.fcm_service_account_file
+        ):
+            problems.append(
+                "VURKSHA_FCM_BASE_URL (https) and VURKSHA_FCM_SERVICE_ACCOUNT or "
+                "VURKSHA_FCM_SERVICE_ACCOUNT_FILE must be set"
+            )
         if not self.smtp_host:
             problems.append("VURKSHA_SMTP_HOST must name a real SMTP server")
         if self.enable_dev_endpoints:
