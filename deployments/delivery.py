@@ -8,20 +8,16 @@ fleet shard holding the store (`actors.fleet`), which writes PostgreSQL and keep
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, WebSocket
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.websockets import WebSocketDisconnect
 
 from actors import call, fleet, routing
 from actors.fleet import Board, IngestAck, Tracking
@@ -32,35 +28,29 @@ from deployments.common import (
     Db,
     IdempotencyKey,
     Principal,
-    authenticate,
     create_api,
     require_role,
     resources,
     serve_builder,
 )
 from deployments.live import (
-    CLOSE,
     AnswerIn,
-    AuthIn,
-    Closed,
     ErrorMsg,
     Hub,
     OfferClosedMsg,
     OfferMsg,
     PartnerMessage,
-    PingOut,
     PositionMsg,
     ReadyOut,
-    Socket,
     TrackingMsg,
     TripMsg,
-    serve_socket,
 )
+from deployments.sockets import CLOSE, Closed, PingOut, guard, open_socket, serve_socket
 from models import delivery, orders, outbox
 from models.db import utcnow
 from models.delivery import DeliveryOut, OfferOut, PartnerIn, PartnerOut, ShiftIn, StatusIn
 from models.delivery_rules import DeliveryActor
-from models.errors import AppError, ServiceUnavailable, Unauthorized
+from models.errors import AppError
 from models.routing import RoutingProblem, RoutingSolution
 from models.users import Role
 
@@ -372,52 +362,13 @@ def hub() -> Hub:
     return _hub
 
 
-async def _open(ws: WebSocket) -> tuple[Socket, Principal]:
-    """Accept, then authenticate from the first message (never the query string): a token
-    as `{"type": "auth", "token": ...}` within the auth timeout."""
-    settings = resources().settings
-    await ws.accept()
-    socket = Socket(ws, settings.delivery_ws_max_message_bytes, settings.delivery_ws_max_messages_per_second)
-    try:
-        body = await socket.receive(wait_s=settings.delivery_ws_auth_timeout_seconds)
-        token = AuthIn.model_validate(body).token
-        res = resources()
-        access = await res.auth.lookup(res.tokens.verify(token))
-        async with res.sessionmaker() as db:
-            principal = await authenticate(db, access)
-    except (TimeoutError, ValidationError, Unauthorized):
-        raise Closed("unauthenticated") from None
-    return socket, principal
-
-
-async def _guard(ws: WebSocket, run: Callable[[], Awaitable[None]]) -> None:
-    """Close with the code the failure calls for; a client that left needs nothing."""
-    try:
-        await run()
-        return
-    except WebSocketDisconnect:
-        return
-    except Closed as exc:  # a refusal: the code says which
-        code = exc.code
-    except ServiceUnavailable:  # a fleet shard restarting: the client reconnects shortly
-        code = CLOSE["unavailable"]
-    except PoolTimeout:  # a reconnect storm larger than the connection pool: come back later
-        log.warning("socket %s: no database connection free; told to reconnect", ws.url.path)
-        code = CLOSE["unavailable"]
-    except Exception:  # a fault of ours: logged, and the client told to come back (1011)
-        log.exception("socket %s failed", ws.url.path)
-        code = CLOSE["internal"]
-    with contextlib.suppress(Exception):
-        await ws.close(code)
-
-
 @api.websocket("/ws/partner")
 async def partner_socket(ws: WebSocket) -> None:
     """The partner app's socket (messages in `websockets.schema.json`): positions in (batched
     before they reach the fleet), offers, recalls and the trip out, accept/decline in."""
 
     async def run() -> None:
-        socket, principal = await _open(ws)
+        socket, principal = await open_socket(ws)
         live = hub()
         async with resources().sessionmaker() as db:
             try:
@@ -462,7 +413,7 @@ async def partner_socket(ws: WebSocket) -> None:
 
         await serve_socket(socket, handle, lambda: live.forget(live.partners, partner.user_id, socket))
 
-    await _guard(ws, run)
+    await guard(ws, run)
 
 
 async def _partner_event(event: dict[str, Any]) -> None:
@@ -500,7 +451,7 @@ async def order_socket(ws: WebSocket, order_id: uuid.UUID) -> None:
     else's order closes with 4404, as a missing one does."""
 
     async def run() -> None:
-        socket, principal = await _open(ws)
+        socket, principal = await open_socket(ws)
         try:
             async with resources().sessionmaker() as db:
                 order = await orders.get_visible(db, order_id, principal, to="own")
@@ -517,7 +468,7 @@ async def order_socket(ws: WebSocket, order_id: uuid.UUID) -> None:
 
         await serve_socket(socket, socket.answer_pings, lambda: live.forget(live.orders, order.id, socket))
 
-    await _guard(ws, run)
+    await guard(ws, run)
 
 
 @api.websocket("/ws/stores/{store_id}/board")
@@ -526,7 +477,7 @@ async def board_socket(ws: WebSocket, store_id: uuid.UUID) -> None:
     store, ops and admins (others: 4403)."""
 
     async def run() -> None:
-        socket, principal = await _open(ws)
+        socket, principal = await open_socket(ws)
         if principal.role not in (Role.staff, Role.ops, Role.admin) or not orders.works_for(
             principal, store_id
         ):
@@ -536,7 +487,7 @@ async def board_socket(ws: WebSocket, store_id: uuid.UUID) -> None:
 
         await serve_socket(socket, socket.answer_pings, lambda: live.forget(live.boards, store_id, socket))
 
-    await _guard(ws, run)
+    await guard(ws, run)
 
 
 # ---------------------------------------------------------------- outbox subscriber

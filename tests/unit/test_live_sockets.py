@@ -14,8 +14,8 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from deployments.delivery import _guard
-from deployments.live import CLOSE, PING, Closed, Hub, Socket
+from deployments.live import Hub
+from deployments.sockets import CLOSE, PING, Closed, Socket, guard
 from models.errors import ServiceUnavailable
 
 
@@ -25,7 +25,7 @@ async def close_code_when_failing_with(exc: Exception) -> int:
             await ws.accept()
             raise exc
 
-        await _guard(ws, run)
+        await guard(ws, run)
 
     incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     incoming.put_nowait({"type": "websocket.connect"})
