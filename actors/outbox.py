@@ -136,19 +136,23 @@ class OutboxRelay:
         return len(batch)
 
     async def _deliver(self, event: outbox.Event, subscribers: list[str]) -> tuple[list[str], str | None]:
-        remaining: list[str] = []
-        errors: list[str] = []
-        for app in subscribers:
+        """To every subscriber at once: one slow consumer (notifications) does not hold
+        up another (dispatch)."""
+
+        async def one(app: str) -> str | None:
             try:
                 handle = self._handles.get(app)
                 if handle is None:
                     handle = self._handles[app] = serve.get_deployment_handle(app, app_name=app)
                 await asyncio.wait_for(handle.consume.remote(event), timeout=DELIVERY_TIMEOUT_S)
+                return None
             except Exception as exc:  # any failure is retried; the reason is kept for ops
                 self._stats["failed_attempts"] += 1
-                remaining.append(app)
-                errors.append(f"{app}: {type(exc).__name__}: {str(exc)[:300]}")
-        return remaining, "; ".join(errors) or None
+                return f"{app}: {type(exc).__name__}: {str(exc)[:300]}"
+
+        errors = dict(zip(subscribers, await asyncio.gather(*(one(app) for app in subscribers)), strict=True))
+        remaining = [app for app, error in errors.items() if error is not None]
+        return remaining, "; ".join(e for e in errors.values() if e is not None) or None
 
 
 # ---------------------------------------------------------------- callers' side
