@@ -6,6 +6,7 @@ platforms (Heroku-style PaaS, Kubernetes secrets, CI) conventionally inject.
 
 from __future__ import annotations
 
+from datetime import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -93,6 +94,24 @@ class Settings(BaseSettings):
     smtp_tls: Literal["starttls", "implicit", "none"] = "starttls"
     email_from: str = "Vurksha <orders@vurksha.example>"
     dev_smtp_port: int = Field(default=8025, ge=1, le=65535)
+    # Where links in messages (unsubscribe) point: the public address of the API; empty means
+    # this machine's http://<http_host>:<http_port>.
+    public_base_url: str = ""
+    # Quiet hours (local time in each user's zone) for users who set none: promotions wait
+    # them out; order, delivery and critical messages never do.
+    notification_quiet_start: time = time(22, 0)
+    notification_quiet_end: time = time(8, 0)
+    # At most this many promotional messages per user, channel and (UTC) day.
+    notification_promotions_per_day: int = Field(default=3, ge=0)
+    # A send the provider asked to retry is tried again after backoff (or its Retry-After,
+    # whichever is later) up to this many attempts, then fails with `gave_up`.
+    notification_max_attempts: int = Field(default=6, ge=1)
+    notification_backoff_base_seconds: float = Field(default=2, gt=0)
+    notification_backoff_max_seconds: float = Field(default=600, gt=0)
+    # A claimed send is claimed again after this if its replica died while handing it over
+    # (so a crash can resend it once), and due sends are looked for at least this often.
+    notification_lease_seconds: float = Field(default=60, gt=0)
+    notification_poll_seconds: float = Field(default=1.0, gt=0)
 
     # Every HTTP request ends within this (504 `request_timeout`). WebSockets are not requests
     # with an end: a tracking socket lives as long as its delivery.
@@ -322,6 +341,10 @@ class Settings(BaseSettings):
     def gateway_webhook_url(self) -> str:
         """Where the sandbox gateway posts webhooks: our own receiver unless overridden."""
         return self.sandbox_webhook_url or f"http://127.0.0.1:{self.http_port}/payments/webhooks/razorpay"
+
+    @property
+    def public_url(self) -> str:
+        return (self.public_base_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
 
     @property
     def fcm_api_base(self) -> str:

@@ -47,6 +47,7 @@ from config.logging import setup_logging
 from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
 from models import idempotency, products, users
+from models.channels import SmsProvider, make_sms_provider
 from models.db import make_engine, make_redis, make_sessionmaker, read_only, transaction, utcnow
 from models.errors import (
     AppError,
@@ -57,7 +58,6 @@ from models.errors import (
     Unprocessable,
 )
 from models.gateway import RazorpayClient, make_gateway
-from models.channels import SmsProvider, make_sms_provider
 from models.tokens import AccessClaims, TokenService
 
 log = logging.getLogger("vurksha.http")
@@ -135,7 +135,7 @@ class Problem(BaseModel):
 # The header that makes a write idempotent; its validation errors keep their own 400 codes.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # Validation error types that are specific enough to be the problem's code.
-CUSTOM_VALIDATION_CODES = {"invalid_phone"}
+CUSTOM_VALIDATION_CODES = {"invalid_phone", "unknown_time_zone"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {
         "model": Problem,

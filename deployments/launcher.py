@@ -43,6 +43,7 @@ def prepare(settings: Settings, *, reset: bool = False) -> Settings:
     through the environment (Ray workers inherit it), migrate, and seed. `reset` (test mode
     only) first empties the database schema and the Redis database."""
     from config.embedded import start_postgres, start_redis
+    from models.push import load_service_account
     from models.tokens import TokenService
 
     data_dir = settings.data_dir.resolve()
@@ -58,6 +59,8 @@ def prepare(settings: Settings, *, reset: bool = False) -> Settings:
     settings = get_settings()
     assert settings.database_url
     TokenService.from_settings(settings)  # create the dev signing key before replicas race for it
+    if settings.env != "production":
+        load_service_account(settings)  # and the FCM stand-in's service-account key
     if reset:
         asyncio.run(_reset(settings))
     # In a child process: the migration and the seed (Parquet, the first recommender model's

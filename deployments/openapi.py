@@ -49,6 +49,9 @@ def render() -> str:
 
 
 def render_websockets() -> str:
-    from deployments.live import schema_document
+    # The modules that serve sockets register their messages when imported.
+    import deployments.live
+    import deployments.notifications  # noqa: F401
+    from deployments.sockets import schema_document
 
     return json.dumps(schema_document(), indent=2) + "\n"

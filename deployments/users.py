@@ -8,9 +8,9 @@ import uuid
 from fastapi import Depends, Request, Response
 
 from deployments.common import CurrentUser, Db, client_ip, create_api, require_role, resources, serve_builder
-from models import users
-from models.db import utcnow
+from models import notifications, users
 from models.channels import otp_sms
+from models.db import utcnow
 from models.users import (
     AccountStatusIn,
     AddressIn,
@@ -83,10 +83,12 @@ async def refresh(body: RefreshRequest, response: Response, db: Db) -> TokenPair
 
 @api.post("/auth/logout", status_code=204, tags=["auth"])
 async def logout(principal: CurrentUser, db: Db) -> None:
-    """End the current session: its refresh token and access tokens stop working at once."""
+    """End the current session: its refresh token and access tokens stop working at once, and
+    the devices it registered for push are forgotten."""
     await users.revoke_session(
         db, user_id=principal.id, session_id=principal.session_id, reason="logout", now=utcnow()
     )
+    await notifications.forget_session_devices(db, principal.session_id)
 
 
 @api.get("/me", response_model=UserOut, tags=["profile"])
@@ -97,7 +99,8 @@ async def me(principal: CurrentUser, db: Db) -> users.User:
 
 @api.patch("/me", response_model=UserOut, tags=["profile"])
 async def update_me(body: UserUpdate, principal: CurrentUser, db: Db) -> users.User:
-    """Update name and email. Other fields (role, phone) are rejected."""
+    """Update name, email, language (`en`, `hi`: what messages are written in) and time zone
+    (IANA, for quiet hours). Other fields (role, phone) are rejected."""
     return await users.update_profile(db, await users.get_user(db, principal.id), body)
 
 
@@ -109,10 +112,11 @@ async def my_sessions(principal: CurrentUser, db: Db) -> list[SessionOut]:
 
 @api.delete("/me/sessions/{session_id}", status_code=204, tags=["auth"])
 async def revoke_my_session(session_id: uuid.UUID, principal: CurrentUser, db: Db) -> None:
-    """Sign out one device."""
+    """Sign out one device (it gets no more pushes)."""
     await users.revoke_session(
         db, user_id=principal.id, session_id=session_id, reason="revoked_by_user", now=utcnow()
     )
+    await notifications.forget_session_devices(db, session_id)
 
 
 @api.get("/me/addresses", response_model=list[AddressOut], tags=["addresses"])

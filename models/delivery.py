@@ -46,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models import orders
+from models import orders, outbox
 from models.bodies import Strict
 from models.db import Base, new_id, note_auth_change
 from models.delivery_rules import (
@@ -552,6 +552,18 @@ async def create_offer(
             session.add(offer)
     except IntegrityError:
         return None
+    await outbox.emit(
+        session,
+        "delivery.offered",
+        None,
+        {
+            "offer_id": str(offer.id),
+            "partner_id": str(partner_id),
+            "store_id": str(store_id),
+            "orders": len(order_ids),
+            "expires_at": expires_at.isoformat(),
+        },
+    )
     return offer
 
 
@@ -607,7 +619,7 @@ async def answer_offer(
     except IntegrityError:
         raise OrderTaken("An order of this offer is already with another partner") from None
     for d in deliveries:
-        _record(session, d, None, "partner", partner_id, None, now)
+        await _record(session, d, None, "partner", partner_id, None, now)
     await session.flush()
     return offer, deliveries
 
@@ -649,7 +661,7 @@ async def answered(session: AsyncSession, partner_id: uuid.UUID, now: datetime) 
 # ---------------------------------------------------------------- deliveries
 
 
-def _record(
+async def _record(
     session: AsyncSession,
     delivery: Delivery,
     previous: str | None,
@@ -658,6 +670,20 @@ def _record(
     reason: str | None,
     now: datetime,
 ) -> None:
+    await outbox.emit(
+        session,
+        f"delivery.{delivery.status}",
+        delivery.order_id,
+        {
+            "delivery_id": str(delivery.id),
+            "order_id": str(delivery.order_id),
+            "partner_id": str(delivery.partner_id),
+            "store_id": str(delivery.store_id),
+            "from": previous,
+            "status": delivery.status,
+            "version": delivery.version,
+        },
+    )
     session.add(
         DeliveryEvent(
             delivery_id=delivery.id,
@@ -715,7 +741,7 @@ async def advance(
         delivery.picked_up_at = now
     if target not in ACTIVE_DELIVERY:
         delivery.ended_at = now
-    _record(session, delivery, previous, actor, actor_user_id, body.reason, now)
+    await _record(session, delivery, previous, actor, actor_user_id, body.reason, now)
     order_target = ORDER_STATUS_AFTER.get(target)
     if order_target is not None:
         await orders.change_status(
@@ -787,7 +813,7 @@ async def cancel_for_order(session: AsyncSession, order_id: uuid.UUID, now: date
     previous, delivery.status = delivery.status, D.cancelled
     delivery.version += 1
     delivery.updated_at = delivery.ended_at = now
-    _record(session, delivery, previous, "system", None, "order cancelled", now)
+    await _record(session, delivery, previous, "system", None, "order cancelled", now)
     await session.flush()
     return delivery
 

@@ -28,13 +28,25 @@ from models.db import Base
 
 # Which Serve applications consume which topics. Each subscriber application's ingress has a
 # `consume(event)` method that the relay calls through a DeploymentHandle.
+# Notifications subscribes to every topic of `models.notification_rules.EVENTS` (a test
+# holds the two together).
 SUBSCRIBERS: dict[str, tuple[str, ...]] = {
     "gateway.event": ("payments",),
     "refund.requested": ("payments",),
+    "refund.processed": ("notifications",),
+    "order.placed": ("notifications",),
     # The fleet queues confirmed orders for dispatch and follows the store's later moves.
-    "order.confirmed": ("delivery",),
-    "order.packed": ("delivery",),
-    "order.cancelled": ("delivery",),
+    "order.confirmed": ("delivery", "notifications"),
+    "order.packed": ("delivery", "notifications"),
+    "order.cancelled": ("delivery", "notifications"),
+    "order.payment_failed": ("notifications",),
+    "order.delivered": ("notifications",),
+    "order.delivery_failed": ("notifications",),
+    "delivery.offered": ("notifications",),
+    "delivery.assigned": ("notifications",),
+    "delivery.picked_up": ("notifications",),
+    "delivery.arrived": ("notifications",),
+    "promotion.broadcast": ("notifications",),
 }
 
 NOTIFY_CHANNEL = "vurksha_outbox"

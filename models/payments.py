@@ -283,6 +283,16 @@ async def settle_refund(
                 ).bindparams(a=refund.amount_paise),
             )
         )
+        await outbox.emit(
+            session,
+            "refund.processed",
+            refund.order_id,
+            {
+                "refund_id": str(refund.id),
+                "order_id": str(refund.order_id),
+                "amount_paise": refund.amount_paise,
+            },
+        )
     else:
         await session.execute(
             update(Payment)

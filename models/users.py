@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from pydantic import (
@@ -62,6 +63,29 @@ from models.tokens import TokenService
 MAX_ADDRESSES_PER_USER = 20
 
 
+class Language(enum.StrEnum):
+    """What the user reads their messages in."""
+
+    en = "en"
+    hi = "hi"
+
+
+def _known_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise PydanticCustomError("unknown_time_zone", "Not an IANA time zone") from None
+    return name
+
+
+TimeZone = Annotated[
+    str,
+    StringConstraints(max_length=64, pattern=r"^[A-Za-z]+(/[A-Za-z0-9_+\-]+){0,2}$"),
+    AfterValidator(_known_zone),
+    Field(description="An IANA time zone, e.g. Asia/Kolkata", examples=["Asia/Kolkata"]),
+]
+
+
 class Role(enum.StrEnum):
     customer = "customer"
     partner = "partner"
@@ -90,6 +114,10 @@ class User(TimestampMixin, Base):
     first_order_at: Mapped[datetime | None]
     # The dark store a staff member works in.
     store_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("stores.id", ondelete="SET NULL"))
+    language: Mapped[str] = mapped_column(String(8), server_default="en")
+    time_zone: Mapped[str] = mapped_column(String(64), server_default="Asia/Kolkata")
+    # Set when a mail server refused the address for good; changing the email clears it.
+    email_undeliverable_at: Mapped[datetime | None]
 
 
 class OtpChallenge(Base):
@@ -252,6 +280,8 @@ class UserOut(BaseModel):
     email: str | None
     role: Role
     is_active: bool
+    language: Language
+    time_zone: str
     created_at: datetime
 
 
@@ -275,6 +305,8 @@ class UserUpdate(Strict):
 
     name: Annotated[Text, StringConstraints(max_length=100)] | None = None
     email: EmailStr | None = None
+    language: Language | None = None
+    time_zone: TimeZone | None = None
 
 
 class TokenPair(BaseModel):
@@ -788,7 +820,10 @@ async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
 
 
 async def update_profile(session: AsyncSession, user: User, patch: UserUpdate) -> User:
-    for field, value in patch.model_dump(exclude_unset=True).items():
+    changes = patch_changes(patch, required=("language", "time_zone"))
+    if "email" in changes and changes["email"] != user.email:
+        user.email_undeliverable_at = None  # a new address gets a new chance
+    for field, value in changes.items():
         setattr(user, field, value)
     await session.flush()
     await session.refresh(user)

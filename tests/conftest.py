@@ -196,6 +196,9 @@ def production_app(live: Live, app: str) -> Iterator[str]:
         "VURKSHA_RAZORPAY_KEY_ID": "rzp_live_x",
         "VURKSHA_RAZORPAY_KEY_SECRET": "live-secret",
         "VURKSHA_RAZORPAY_WEBHOOK_SECRET": "whsec",
+        "VURKSHA_FCM_BASE_URL": "https://fcm.googleapis.com",
+        "VURKSHA_FCM_SERVICE_ACCOUNT": '{"project_id": "p"}',
+        "VURKSHA_SMTP_HOST": "smtp.example.com",
     }
     command = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log"]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

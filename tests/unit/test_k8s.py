@@ -44,15 +44,20 @@ APP_SECRET_ENV = (
     "VURKSHA_RAZORPAY_KEY_ID",
     "VURKSHA_RAZORPAY_KEY_SECRET",
     "VURKSHA_RAZORPAY_WEBHOOK_SECRET",
+    "VURKSHA_FCM_SERVICE_ACCOUNT",
+    "VURKSHA_SMTP_HOST",
+    "VURKSHA_SMTP_USERNAME",
+    "VURKSHA_SMTP_PASSWORD",
 )
 APP_PLAIN_ENV = {
     "VURKSHA_ENV": "production",
     "VURKSHA_SMS_PROVIDER": "http",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
+    "VURKSHA_FCM_BASE_URL": "https://fcm.googleapis.com",
 }
-# Names that look secret (a URL) but are public: the gateway's API address holds no credentials.
-NOT_SECRET = {"VURKSHA_RAZORPAY_BASE_URL"}
+# Names that look secret (a URL) but are public: the providers' API addresses hold no credentials.
+NOT_SECRET = {"VURKSHA_RAZORPAY_BASE_URL", "VURKSHA_FCM_BASE_URL"}
 
 Doc = dict[str, Any]
 

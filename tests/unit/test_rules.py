@@ -114,9 +114,16 @@ def test_production_refuses_dev_endpoints_and_accepts_real_config():
         razorpay_key_id="rzp_live_x",
         razorpay_key_secret="live-secret",
         razorpay_webhook_secret="whsec",
+        fcm_base_url="https://fcm.googleapis.com",
+        fcm_service_account='{"project_id": "p"}',
+        smtp_host="smtp.example.com",
     )
     settings = Settings(**good)
     assert settings.dev_endpoints is False
     with pytest.raises(ValidationError):
         Settings(**good, enable_dev_endpoints=True)
+    # The FCM stand-in and the local SMTP server are refused too.
+    for stand_in in ({"fcm_base_url": ""}, {"fcm_service_account": None}, {"smtp_host": ""}):
+        with pytest.raises(ValidationError, match=r"FCM|SMTP"):
+            Settings(**{**good, **stand_in})
     assert Settings(env="development").dev_endpoints is True

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from config.logging import RedactSecrets
-from models.errors import ServiceUnavailable
 from models.channels import TwilioSms, otp_sms
+from models.errors import ServiceUnavailable
 
 SID, TOKEN = "AC0123456789abcdef", "auth-token-xyz"
 

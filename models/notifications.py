@@ -1,0 +1,980 @@
+"""Notifications: devices (push tokens), preferences and quiet hours, the in-app inbox, and
+the sends: one row per (event, user, channel), recorded before the message is handed to a
+provider, so a duplicated event never sends twice; each attempt leaves a row support can read.
+
+Everything here works inside one session and only flushes. Turning an event into sends is
+`plan`; handing sends to the providers (and retrying, falling back) is in
+`models.notification_flows`. The rules (who hears what, on which channel, when) are pure, in
+`models.notification_rules`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, time
+from typing import Annotated, Any, Literal
+
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Identity,
+    Index,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models import outbox
+from models.bodies import Strict
+from models.db import Base, new_id
+from models.errors import NotFound, Unprocessable
+from models.notification_rules import (
+    CRITICAL,
+    DEFAULTS,
+    Category,
+    Channel,
+    Content,
+    Rule,
+    enabled,
+    not_before,
+)
+from models.orders import Order
+from models.products import Store, decode_time_cursor, encode_cursor
+from models.users import Language, Role, User
+
+Platform = Literal["android", "ios", "web"]
+SEND_STATUSES = ("queued", "sending", "sent", "failed", "skipped")
+
+# ---------------------------------------------------------------- tables
+
+
+class Device(Base):
+    """A push token of one app install. A token is one device's: registering it again, as
+    anyone, moves it (the phone changed hands or accounts)."""
+
+    __tablename__ = "notification_devices"
+    __table_args__ = (CheckConstraint("platform IN ('android', 'ios', 'web')", name="platform"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    token: Mapped[str] = mapped_column(Text, unique=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # The login that registered it: logging out removes it.
+    session_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("auth_sessions.id", ondelete="CASCADE"), index=True
+    )
+    platform: Mapped[str] = mapped_column(String(8))
+    app_version: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+
+
+class Preference(Base):
+    """A switch a user set for one category on one channel (absent: the default)."""
+
+    __tablename__ = "notification_preferences"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    category: Mapped[str] = mapped_column(String(16), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(8), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime]
+
+
+class QuietHours(Base):
+    """A user's own quiet window (local time); absent: the default window of the settings."""
+
+    __tablename__ = "notification_quiet_hours"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    # Both null: no quiet hours at all.
+    starts: Mapped[time | None]
+    ends: Mapped[time | None]
+
+
+class InboxItem(Base):
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("user_id", "event_key", name="uq_notifications_user_event"),
+        Index("ix_notifications_user_created", "user_id", "created_at", "id"),
+        Index("ix_notifications_unread", "user_id", postgresql_where=text("read_at IS NULL")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    event_key: Mapped[str] = mapped_column(String(80))
+    kind: Mapped[str] = mapped_column(String(32))
+    category: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, str]] = mapped_column(JSONB)
+    created_at: Mapped[datetime]
+    read_at: Mapped[datetime | None]
+
+
+class Send(Base):
+    """One message to one user on one provider channel, from recording to its end."""
+
+    __tablename__ = "notification_sends"
+    __table_args__ = (
+        UniqueConstraint("event_key", "user_id", "channel", name="uq_notification_sends_once"),
+        CheckConstraint(f"status IN ({', '.join(repr(s) for s in SEND_STATUSES)})", name="status"),
+        CheckConstraint("channel IN ('push', 'sms', 'email')", name="channel"),
+        # Due work, transactional (priority 0) before promotions (1).
+        Index(
+            "ix_notification_sends_due",
+            "priority",
+            "next_attempt_at",
+            postgresql_where=text("status IN ('queued', 'sending')"),
+        ),
+        Index("ix_notification_sends_user", "user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_key: Mapped[str] = mapped_column(String(80))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(32))
+    category: Mapped[str] = mapped_column(String(16))
+    critical: Mapped[bool] = mapped_column(Boolean)
+    priority: Mapped[int] = mapped_column(SmallInteger)
+    status: Mapped[str] = mapped_column(String(12))
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    next_attempt_at: Mapped[datetime]
+    content: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    last_code: Mapped[str | None] = mapped_column(String(64))
+    provider_id: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Broadcast(Base):
+    """An admin's promotion to a segment: customers of one store, or every customer. It goes
+    through each recipient's switches, quiet hours and daily caps like any promotion."""
+
+    __tablename__ = "notification_broadcasts"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    title: Mapped[str] = mapped_column(String(120))
+    body: Mapped[str] = mapped_column(String(500))
+    store_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("stores.id", ondelete="CASCADE"))
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime]
+    # How many users it was recorded for, once the service expanded it.
+    recipients: Mapped[int | None]
+
+
+class Attempt(Base):
+    """What happened to a send, one row per step: queued, then sent, failed or retry."""
+
+    __tablename__ = "notification_attempts"
+    __table_args__ = (Index("ix_notification_attempts_send", "send_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    send_id: Mapped[int] = mapped_column(ForeignKey("notification_sends.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(12))
+    code: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+# ---------------------------------------------------------------- schemas
+
+
+class DeviceIn(Strict):
+    token: Annotated[str, StringConstraints(min_length=20, max_length=4096, pattern=r"^[A-Za-z0-9:_\-]+$")]
+    platform: Platform
+    app_version: Annotated[str, StringConstraints(max_length=32, pattern=r"^[A-Za-z0-9.+\-_]+$")] | None = (
+        None
+    )
+
+
+class DeviceOut(BaseModel):
+    id: int
+    platform: Platform
+    app_version: str | None
+    created_at: datetime
+    last_seen_at: datetime
+
+
+# A device's token in a path (the same alphabet the registration accepts).
+TOKEN_PATH = Path(min_length=1, max_length=4096, pattern=r"^[A-Za-z0-9:_\-]+$")
+
+
+class BroadcastIn(Strict):
+    """A promotion: who gets it (`store_id`: the store's customers; absent: every customer)
+    and what it says (plain text: email escapes it)."""
+
+    title: Annotated[str, StringConstraints(min_length=1, max_length=120)]
+    body: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    store_id: uuid.UUID | None = None
+
+
+class BroadcastOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    title: str
+    body: str
+    store_id: uuid.UUID | None
+    created_at: datetime
+    recipients: int | None = Field(
+        description="Users it was recorded for; null until the service expanded it"
+    )
+
+
+class ReadAll(BaseModel):
+    updated: int
+
+
+class ContentOut(BaseModel):
+    """A rendered message: `title` and `body` (push, SMS, inbox), `html` (email)."""
+
+    title: str
+    body: str
+    html: str
+
+
+class ClockOffset(Strict):
+    offset_seconds: float = Field(strict=True, ge=0, le=30 * 24 * 3600)
+
+
+# Values a template preview is rendered with.
+SAMPLE_CONTEXT: dict[str, Any] = {
+    "order_ref": "3F2A9C1B",
+    "total": "₹349",
+    "paid": "₹349",
+    "amount": "₹120",
+    "method": "online",
+    "items": 4,
+    "reason": "",
+    "refund": True,
+    "eta_minutes": 9,
+    "pin": "4821",
+    "partner": "Ravi",
+    "orders": 2,
+    "seconds": 20,
+    "title": "Mangoes are in",
+    "body": "Alphonso mangoes, 20% off today.",
+}
+
+
+class ChannelSwitches(Strict):
+    push: StrictBool | None = None
+    sms: StrictBool | None = None
+    email: StrictBool | None = None
+    inbox: StrictBool | None = None
+
+
+# A local wall-clock time, minutes precision (JSON Schema's `time` format wants an offset,
+# which a time in "the user's zone" does not have).
+ClockTime = Annotated[
+    str, StringConstraints(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$"), Field(examples=["22:00"])
+]
+
+
+class QuietHoursIO(Strict):
+    """Local time (HH:MM) in the user's time zone; `start` after `end` spans midnight."""
+
+    start: ClockTime
+    end: ClockTime
+
+    @classmethod
+    def of(cls, start: time, end: time) -> QuietHoursIO:
+        return cls(start=start.strftime("%H:%M"), end=end.strftime("%H:%M"))
+
+    def times(self) -> tuple[time, time]:
+        return time.fromisoformat(self.start), time.fromisoformat(self.end)
+
+
+class PreferencesIn(Strict):
+    """Switch channels per category (only what is given changes). Critical categories cannot
+    be switched off (422 `critical_category`). `quiet_hours`: your window, or null for none;
+    leave it out to keep the current one."""
+
+    categories: dict[Category, ChannelSwitches] = Field(default_factory=dict)
+    quiet_hours: QuietHoursIO | None = Field(default=None)
+
+
+class CategoryPreferences(BaseModel):
+    category: Category
+    critical: bool
+    channels: dict[Channel, bool]
+
+
+class PreferencesOut(BaseModel):
+    categories: list[CategoryPreferences]
+    quiet_hours: QuietHoursIO | None
+    language: Language
+    time_zone: str
+
+
+class InboxItemOut(BaseModel):
+    id: uuid.UUID
+    kind: str
+    category: Category
+    title: str
+    body: str
+    data: dict[str, str]
+    created_at: datetime
+    read_at: datetime | None
+
+
+class InboxPage(BaseModel):
+    items: list[InboxItemOut]
+    unread: int
+    next_cursor: str | None
+
+
+class AttemptOut(BaseModel):
+    status: str
+    code: str | None
+    at: datetime
+
+
+class SendOut(BaseModel):
+    id: int
+    event_key: str
+    channel: Channel
+    kind: str
+    category: Category
+    critical: bool
+    status: str
+    last_code: str | None
+    created_at: datetime
+    attempts: list[AttemptOut]
+
+
+class NoSuchNotification(NotFound):
+    code = "notification_not_found"
+
+
+class CriticalCategory(Unprocessable):
+    code = "critical_category"
+
+
+# ---------------------------------------------------------------- devices
+
+
+async def register_device(
+    session: AsyncSession, user_id: uuid.UUID, session_id: uuid.UUID, body: DeviceIn, now: datetime
+) -> DeviceOut:
+    row = (
+        await session.execute(
+            insert(Device)
+            .values(
+                token=body.token,
+                user_id=user_id,
+                session_id=session_id,
+                platform=body.platform,
+                app_version=body.app_version,
+                created_at=now,
+                last_seen_at=now,
+            )
+            .on_conflict_do_update(
+                index_elements=[Device.token],
+                set_={
+                    "user_id": user_id,
+                    "session_id": session_id,
+                    "platform": body.platform,
+                    "app_version": body.app_version,
+                    "last_seen_at": now,
+                },
+            )
+            .returning(Device.id, Device.platform, Device.app_version, Device.created_at, Device.last_seen_at)
+        )
+    ).one()
+    return DeviceOut(**row._mapping)
+
+
+async def forget_device(session: AsyncSession, user_id: uuid.UUID, token: str) -> None:
+    """Remove one of the caller's tokens (404 when it is not theirs: no probing for others')."""
+    result = await session.execute(delete(Device).where(Device.token == token, Device.user_id == user_id))
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound("No such device", code="device_not_found")
+
+
+async def forget_session_devices(session: AsyncSession, session_id: uuid.UUID) -> None:
+    """Logging out (or revoking a session) stops pushes to the devices it registered."""
+    await session.execute(delete(Device).where(Device.session_id == session_id))
+
+
+async def drop_tokens(session: AsyncSession, tokens: Sequence[str]) -> None:
+    """Tokens the provider called dead (unregistered, invalid) go at once."""
+    if tokens:
+        await session.execute(delete(Device).where(Device.token.in_(tokens)))
+
+
+# ---------------------------------------------------------------- preferences
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """What sending to a user needs, read once per event."""
+
+    id: uuid.UUID
+    role: str
+    phone: str
+    email: str | None
+    language: Language
+    time_zone: str
+    quiet: tuple[time | None, time | None]
+    switches: dict[tuple[str, str], bool]
+
+    def wants(self, rule: Rule, channel: Channel) -> bool:
+        return enabled(rule.category, channel, self.switches)
+
+
+async def recipients(
+    session: AsyncSession, user_ids: Sequence[uuid.UUID], default_quiet: tuple[time, time]
+) -> list[Recipient]:
+    if not user_ids:
+        return []
+    users = (
+        await session.execute(
+            select(
+                User.id,
+                User.role,
+                User.phone,
+                User.email,
+                User.email_undeliverable_at,
+                User.language,
+                User.time_zone,
+                QuietHours.user_id.label("own_quiet"),
+                QuietHours.starts,
+                QuietHours.ends,
+            )
+            .outerjoin(QuietHours, QuietHours.user_id == User.id)
+            .where(User.id.in_(user_ids), User.is_active)
+        )
+    ).all()
+    switches: dict[uuid.UUID, dict[tuple[str, str], bool]] = {}
+    for p in await session.execute(
+        select(Preference.user_id, Preference.category, Preference.channel, Preference.enabled).where(
+            Preference.user_id.in_(user_ids)
+        )
+    ):
+        switches.setdefault(p.user_id, {})[(p.category, p.channel)] = p.enabled
+    return [
+        Recipient(
+            id=u.id,
+            role=u.role,
+            phone=u.phone,
+            email=u.email if u.email_undeliverable_at is None else None,
+            language=Language(u.language),
+            time_zone=u.time_zone,
+            quiet=(u.starts, u.ends) if u.own_quiet is not None else default_quiet,
+            switches=switches.get(u.id, {}),
+        )
+        for u in users
+    ]
+
+
+async def get_preferences(
+    session: AsyncSession, user_id: uuid.UUID, default_quiet: tuple[time, time]
+) -> PreferencesOut:
+    (r,) = await recipients(session, [user_id], default_quiet)
+    starts, ends = r.quiet
+    return PreferencesOut(
+        categories=[
+            CategoryPreferences(
+                category=category,
+                critical=category in CRITICAL,
+                channels={ch: enabled(category, ch, r.switches) for ch in Channel},
+            )
+            for category in DEFAULTS
+        ],
+        quiet_hours=QuietHoursIO.of(starts, ends) if starts is not None and ends is not None else None,
+        language=r.language,
+        time_zone=r.time_zone,
+    )
+
+
+async def set_preferences(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    body: PreferencesIn,
+    now: datetime,
+    default_quiet: tuple[time, time],
+) -> PreferencesOut:
+    rows = []
+    for category, switches in body.categories.items():
+        for channel, on in switches.model_dump(exclude_none=True).items():
+            if category in CRITICAL and not on:
+                raise CriticalCategory(
+                    f"{category} messages are critical and cannot be switched off",
+                    extra={"category": category.value},
+                )
+            rows.append(
+                {
+                    "user_id": user_id,
+                    "category": category.value,
+                    "channel": channel,
+                    "enabled": on,
+                    "updated_at": now,
+                }
+            )
+    if rows:
+        stmt = insert(Preference).values(rows)
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[Preference.user_id, Preference.category, Preference.channel],
+                set_={"enabled": stmt.excluded.enabled, "updated_at": now},
+            )
+        )
+    if "quiet_hours" in body.model_fields_set:
+        starts, ends = body.quiet_hours.times() if body.quiet_hours else (None, None)
+        values = {"starts": starts, "ends": ends}
+        stmt_q = insert(QuietHours).values(user_id=user_id, **values)
+        await session.execute(stmt_q.on_conflict_do_update(index_elements=[QuietHours.user_id], set_=values))
+    await session.flush()
+    return await get_preferences(session, user_id, default_quiet)
+
+
+# ---------------------------------------------------------------- planning an event's sends
+
+
+@dataclass(frozen=True)
+class Planned:
+    rule: Rule
+    recipient: Recipient
+    content: Content
+    data: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)  # email only (List-Unsubscribe)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    sends: list[int]  # new sends, due now or later
+    inbox: list[tuple[uuid.UUID, InboxItemOut]]  # new inbox items and whose (for live sockets)
+
+
+PROVIDER_CHANNELS = (Channel.push, Channel.sms, Channel.email)
+
+
+async def record(
+    session: AsyncSession, event_key: str, planned: Sequence[Planned], now: datetime
+) -> PlanResult:
+    """Record the sends and inbox items of one event. Unique keys make a second recording of
+    the same event a no-op: what was recorded the first time is not recorded (or sent) again."""
+    sends: list[dict[str, Any]] = []
+    inbox: list[dict[str, Any]] = []
+    for p in planned:
+        r, rule = p.recipient, p.rule
+        for channel in rule.channels:
+            if not r.wants(rule, channel):
+                continue
+            if channel is Channel.inbox:
+                inbox.append(
+                    {
+                        "id": new_id(),
+                        "user_id": r.id,
+                        "event_key": event_key,
+                        "kind": rule.kind,
+                        "category": rule.category.value,
+                        "title": p.content.title,
+                        "body": p.content.body,
+                        "data": p.data,
+                        "created_at": now,
+                    }
+                )
+                continue
+            if channel is Channel.email and r.email is None:
+                continue
+            sends.append(
+                {
+                    "event_key": event_key,
+                    "user_id": r.id,
+                    "channel": channel.value,
+                    "kind": rule.kind,
+                    "category": rule.category.value,
+                    "critical": rule.critical,
+                    "priority": 1 if rule.category is Category.promotions else 0,
+                    "status": "queued",
+                    "next_attempt_at": not_before(rule, now, r.time_zone, *r.quiet),
+                    "content": {**p.content.as_dict(), "data": p.data, "headers": p.headers},
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+    new_sends = await queue_sends(session, sends, now)
+    items: list[tuple[uuid.UUID, InboxItemOut]] = []
+    if inbox:
+        rows = await session.scalars(
+            insert(InboxItem).values(inbox).on_conflict_do_nothing().returning(InboxItem)
+        )
+        items = [(i.user_id, _item_out(i)) for i in rows]
+    await session.flush()
+    return PlanResult(sends=new_sends, inbox=items)
+
+
+async def queue_sends(session: AsyncSession, sends: list[dict[str, Any]], now: datetime) -> list[int]:
+    """Insert sends (those already recorded are skipped) with their `queued` attempt row."""
+    if not sends:
+        return []
+    ids = list(
+        (
+            await session.scalars(
+                insert(Send)
+                .values(sends)
+                .on_conflict_do_nothing(constraint="uq_notification_sends_once")
+                .returning(Send.id)
+            )
+        ).all()
+    )
+    if ids:
+        await session.execute(
+            insert(Attempt).values(
+                [{"send_id": i, "status": "queued", "code": None, "created_at": now} for i in ids]
+            )
+        )
+    return ids
+
+
+# ---------------------------------------------------------------- the inbox
+
+
+def _item_out(i: InboxItem) -> InboxItemOut:
+    return InboxItemOut(
+        id=i.id,
+        kind=i.kind,
+        category=Category(i.category),
+        title=i.title,
+        body=i.body,
+        data=i.data,
+        created_at=i.created_at,
+        read_at=i.read_at,
+    )
+
+
+async def inbox_page(session: AsyncSession, user_id: uuid.UUID, cursor: str | None, limit: int) -> InboxPage:
+    """Newest first, keyset-paged on (created_at, id), with the unread count."""
+    stmt = (
+        select(InboxItem)
+        .where(InboxItem.user_id == user_id)
+        .order_by(InboxItem.created_at.desc(), InboxItem.id.desc())
+        .limit(limit + 1)
+    )
+    if cursor:
+        created, last_id = decode_time_cursor(cursor)
+        stmt = stmt.where(tuple_(InboxItem.created_at, InboxItem.id) < tuple_(created, last_id))
+    rows = list((await session.scalars(stmt)).all())
+    unread = await session.scalar(
+        select(func.count())
+        .select_from(InboxItem)
+        .where(InboxItem.user_id == user_id, InboxItem.read_at.is_(None))
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = rows[-1] if more else None
+    return InboxPage(
+        items=[_item_out(i) for i in rows],
+        unread=unread,
+        next_cursor=encode_cursor(last.created_at.isoformat(), last.id) if last else None,
+    )
+
+
+async def unread_count(session: AsyncSession, user_id: uuid.UUID) -> int:
+    count = await session.scalar(
+        select(func.count())
+        .select_from(InboxItem)
+        .where(InboxItem.user_id == user_id, InboxItem.read_at.is_(None))
+    )
+    return int(count or 0)
+
+
+async def mark_read(
+    session: AsyncSession, user_id: uuid.UUID, item_id: uuid.UUID, now: datetime
+) -> InboxItemOut:
+    """Mark one of the caller's items read (again is a no-op; someone else's is a 404)."""
+    item = await session.get(InboxItem, item_id)
+    if item is None or item.user_id != user_id:
+        raise NoSuchNotification("No such notification")
+    if item.read_at is None:
+        item.read_at = now
+        await session.flush()
+    return _item_out(item)
+
+
+async def mark_all_read(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> int:
+    result = await session.execute(
+        update(InboxItem).where(InboxItem.user_id == user_id, InboxItem.read_at.is_(None)).values(read_at=now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- sends: claiming and settling
+
+
+@dataclass(frozen=True)
+class Due:
+    """A claimed send and what handing it over needs."""
+
+    id: int
+    event_key: str
+    user_id: uuid.UUID
+    channel: Channel
+    kind: str
+    category: Category
+    critical: bool
+    attempts: int
+    content: dict[str, Any]
+
+
+async def claim(session: AsyncSession, *, now: datetime, limit: int, lease_seconds: float) -> list[Due]:
+    """Take due sends (transactional first) and lease them: a send whose replica dies while
+    handing it over is due again when the lease ends, so it is sent at most once more."""
+    rows = await session.execute(
+        text(
+            """
+            WITH due AS (
+                SELECT id FROM notification_sends
+                WHERE status IN ('queued', 'sending') AND next_attempt_at <= :now
+                ORDER BY priority, next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED
+            )
+            UPDATE notification_sends s
+            SET status = 'sending', attempts = s.attempts + 1, updated_at = :now,
+                next_attempt_at = :now + make_interval(secs => :lease)
+            FROM due WHERE s.id = due.id
+            RETURNING s.id, s.event_key, s.user_id, s.channel, s.kind, s.category, s.critical,
+                      s.attempts, s.content
+            """
+        ),
+        {"now": now, "limit": limit, "lease": lease_seconds},
+    )
+    return [
+        Due(
+            id=r.id,
+            event_key=r.event_key,
+            user_id=r.user_id,
+            channel=Channel(r.channel),
+            kind=r.kind,
+            category=Category(r.category),
+            critical=r.critical,
+            attempts=r.attempts,
+            content=r.content,
+        )
+        for r in sorted(rows, key=lambda r: r.id)
+    ]
+
+
+@dataclass(frozen=True)
+class Settled:
+    id: int
+    attempts: int
+    status: Literal["sent", "failed", "skipped", "retry"]
+    code: str | None = None
+    provider_id: str | None = None
+    retry_at: datetime | None = None
+
+
+async def settle(session: AsyncSession, results: Sequence[Settled], now: datetime) -> None:
+    """Record what the providers said, fenced on the attempt number (a lease that expired and
+    was claimed again is not overwritten by the older attempt)."""
+    for r in results:
+        values: dict[str, Any] = {"last_code": r.code, "updated_at": now}
+        if r.status == "retry":
+            values |= {"status": "queued", "next_attempt_at": r.retry_at}
+        else:
+            values |= {"status": r.status, "provider_id": r.provider_id}
+        await session.execute(
+            update(Send)
+            .where(Send.id == r.id, Send.attempts == r.attempts, Send.status == "sending")
+            .values(**values)
+        )
+    if results:
+        await session.execute(
+            insert(Attempt).values(
+                [{"send_id": r.id, "status": r.status, "code": r.code, "created_at": now} for r in results]
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Address:
+    phone: str
+    email: str | None
+    tokens: list[str]
+
+
+async def addresses(session: AsyncSession, user_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Address]:
+    """Where each user can be reached now (tokens as of this moment, not of the event)."""
+    tokens: dict[uuid.UUID, list[str]] = {}
+    for d in await session.execute(
+        select(Device.user_id, Device.token)
+        .where(Device.user_id.in_(user_ids))
+        .order_by(Device.last_seen_at.desc())
+    ):
+        tokens.setdefault(d.user_id, []).append(d.token)
+    rows = await session.execute(
+        select(User.id, User.phone, User.email, User.email_undeliverable_at).where(User.id.in_(user_ids))
+    )
+    return {
+        u.id: Address(
+            phone=u.phone,
+            email=u.email if u.email_undeliverable_at is None else None,
+            tokens=tokens.get(u.id, []),
+        )
+        for u in rows
+    }
+
+
+async def mark_email_undeliverable(
+    session: AsyncSession, user_id: uuid.UUID, email: str, now: datetime
+) -> None:
+    """A permanent SMTP refusal: stop mailing the address until the user changes it."""
+    await session.execute(
+        update(User).where(User.id == user_id, User.email == email).values(email_undeliverable_at=now)
+    )
+
+
+# ---------------------------------------------------------------- broadcasts
+
+BROADCAST_TOPIC = "promotion.broadcast"
+
+
+async def create_broadcast(
+    session: AsyncSession, body: BroadcastIn, by: uuid.UUID, now: datetime
+) -> Broadcast:
+    """Record a broadcast and hand it to the notifications service through the outbox."""
+    if body.store_id is not None and await session.get(Store, body.store_id) is None:
+        raise NotFound("No such store", code="store_not_found")
+    broadcast = Broadcast(
+        title=body.title, body=body.body, store_id=body.store_id, created_by=by, created_at=now
+    )
+    session.add(broadcast)
+    await session.flush()
+    await outbox.emit(session, BROADCAST_TOPIC, broadcast.id, {"broadcast_id": str(broadcast.id)})
+    return broadcast
+
+
+async def get_broadcast(session: AsyncSession, broadcast_id: uuid.UUID) -> Broadcast:
+    broadcast = await session.get(Broadcast, broadcast_id)
+    if broadcast is None:
+        raise NotFound("No such broadcast", code="broadcast_not_found")
+    return broadcast
+
+
+async def audience(
+    session: AsyncSession, broadcast: Broadcast, after: uuid.UUID | None, limit: int
+) -> list[uuid.UUID]:
+    """The next page (by id) of active customers in the segment who opted into promotions on
+    some channel: nobody else could receive it."""
+    opted_in = (
+        select(Preference.user_id)
+        .where(Preference.user_id == User.id, Preference.category == Category.promotions, Preference.enabled)
+        .exists()
+    )
+    stmt = (
+        select(User.id)
+        .where(User.role == Role.customer, User.is_active, opted_in)
+        .order_by(User.id)
+        .limit(limit)
+    )
+    if broadcast.store_id is not None:
+        stmt = stmt.where(
+            select(Order.id).where(Order.user_id == User.id, Order.store_id == broadcast.store_id).exists()
+        )
+    if after is not None:
+        stmt = stmt.where(User.id > after)
+    return list((await session.scalars(stmt)).all())
+
+
+# ---------------------------------------------------------------- unsubscribing by link
+
+
+def unsubscribe_token(user_id: uuid.UUID, secret: bytes) -> str:
+    """A link's proof that it was mailed to this user (no login needed to unsubscribe)."""
+    mac = hmac.new(secret, b"unsubscribe:" + user_id.bytes, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(user_id.bytes + mac).decode().rstrip("=")
+
+
+def unsubscribed_user(token: str, secret: bytes) -> uuid.UUID:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        raw = b""
+    if len(raw) == 32:
+        user_id = uuid.UUID(bytes=raw[:16])
+        if hmac.compare_digest(unsubscribe_token(user_id, secret), token):
+            return user_id
+    raise Unprocessable("This unsubscribe link is not valid", code="invalid_unsubscribe_link")
+
+
+async def unsubscribe(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:
+    """Promotional email off (the link's promise); other channels keep their switches."""
+    stmt = insert(Preference).values(
+        user_id=user_id,
+        category=Category.promotions.value,
+        channel=Channel.email.value,
+        enabled=False,
+        updated_at=now,
+    )
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Preference.user_id, Preference.category, Preference.channel],
+            set_={"enabled": False, "updated_at": now},
+        )
+    )
+
+
+# ---------------------------------------------------------------- support's view
+
+
+async def deliveries(session: AsyncSession, user_id: uuid.UUID, limit: int) -> list[SendOut]:
+    """A user's latest sends, each with its attempts (ops and support)."""
+    sends = list(
+        (
+            await session.scalars(
+                select(Send).where(Send.user_id == user_id).order_by(Send.id.desc()).limit(limit)
+            )
+        ).all()
+    )
+    steps: dict[int, list[AttemptOut]] = {}
+    if sends:
+        for a in await session.scalars(
+            select(Attempt).where(Attempt.send_id.in_([s.id for s in sends])).order_by(Attempt.id)
+        ):
+            steps.setdefault(a.send_id, []).append(AttemptOut(status=a.status, code=a.code, at=a.created_at))
+    return [
+        SendOut(
+            id=s.id,
+            event_key=s.event_key,
+            channel=Channel(s.channel),
+            kind=s.kind,
+            category=Category(s.category),
+            critical=s.critical,
+            status=s.status,
+            last_code=s.last_code,
+            created_at=s.created_at,
+            attempts=steps.get(s.id, []),
+        )
+        for s in sends
+    ]
+
+
+async def store_staff(session: AsyncSession, store_id: uuid.UUID) -> list[uuid.UUID]:
+    return list(
+        (
+            await session.scalars(
+                select(User.id).where(User.role == Role.staff, User.store_id == store_id, User.is_active)
+            )
+        ).all()
+    )
