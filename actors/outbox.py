@@ -56,6 +56,7 @@ class OutboxRelay:
         self._paused = False
         self._handles: dict[str, Any] = {}
         self._stats = {"delivered": 0, "failed_attempts": 0, "dead": 0}
+        self._in_flight: set[asyncio.Task[None]] = set()
         # Async actors run __init__ on their event loop: the loop starts with the actor, and
         # again with every restart.
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -105,16 +106,26 @@ class OutboxRelay:
                 await asyncio.sleep(1)
 
     async def _pump(self) -> int:
+        """Claim what there is room for and deliver each event on its own task: a slow event
+        (a broadcast's expansion) holds its own slot, never the events claimed after it."""
+        room = CONCURRENCY - len(self._in_flight)
+        if room <= 0:
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+            return 1  # a slot is free: look again at once
         async with self._sessions() as session:
-            batch = await outbox.claim(session, limit=BATCH, lease_seconds=self.settings.outbox_lease_seconds)
+            batch = await outbox.claim(
+                session, limit=min(BATCH, room), lease_seconds=self.settings.outbox_lease_seconds
+            )
             await session.commit()
-        if not batch:
-            return 0
-        gate = asyncio.Semaphore(CONCURRENCY)
+        for event, subscribers in batch:
+            task = asyncio.get_running_loop().create_task(self._one(event, subscribers))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+        return len(batch)
 
-        async def one(event: outbox.Event, subscribers: list[str]) -> None:
-            async with gate:
-                remaining, error = await self._deliver(event, subscribers)
+    async def _one(self, event: outbox.Event, subscribers: list[str]) -> None:
+        try:
+            remaining, error = await self._deliver(event, subscribers)
             async with self._sessions() as session:
                 status = await outbox.settle(
                     session,
@@ -126,14 +137,14 @@ class OutboxRelay:
                     cap=self.settings.outbox_backoff_max_seconds,
                 )
                 await session.commit()
-            if status == "delivered":
-                self._stats["delivered"] += 1
-            elif status == "dead":
-                self._stats["dead"] += 1
-                log.error("outbox event %d (%s) dead-lettered: %s", event.id, event.topic, error)
-
-        await asyncio.gather(*(one(event, subscribers) for event, subscribers in batch))
-        return len(batch)
+        except Exception:  # the lease runs out and the event is delivered again
+            log.exception("outbox event %d (%s) not settled", event.id, event.topic)
+            return
+        if status == "delivered":
+            self._stats["delivered"] += 1
+        elif status == "dead":
+            self._stats["dead"] += 1
+            log.error("outbox event %d (%s) dead-lettered: %s", event.id, event.topic, error)
 
     async def _deliver(self, event: outbox.Event, subscribers: list[str]) -> tuple[list[str], str | None]:
         """To every subscriber at once: one slow consumer (notifications) does not hold
