@@ -37,22 +37,28 @@ class AccessClaims(BaseModel):
     iat: int
 
 
-def _create_key_file(path: Path) -> None:
-    """Write a fresh key atomically: concurrent replicas racing here all end up with one key."""
+def write_once(path: Path, secret: bytes) -> None:
+    """Write a generated secret (mode 0600) unless the file exists, atomically: of processes
+    racing here the first to link its file wins and all read that one (a replace would let a
+    later writer change the secret under a process that already read it)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+        f.write(secret)
     try:
         os.link(tmp, path)  # fails if another process won the race: keep theirs
     except FileExistsError:
         pass
     finally:
         tmp.unlink()
+
+
+def _create_key_file(path: Path) -> None:
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_once(path, pem)
 
 
 def load_private_key(settings: Settings) -> Ed25519PrivateKey:
