@@ -79,7 +79,7 @@ class Settings(BaseSettings):
 
     # Push: FCM HTTP v1, authorised by OAuth2 access tokens minted from a service-account key
     # (the JSON file Google issues). Outside production an empty base URL and key file mean the
-    # local FCM stand-in (mounted at /notifications/dev/fcm) and a key generated into the data
+    # local FCM stand-in (in the sandbox gateway, at /sandbox-gateway/fcm) and a key generated into the data
     # dir whose token_uri is the stand-in's.
     fcm_base_url: str = ""
     fcm_service_account: SecretStr | None = None  # the key's JSON text (e.g. from a k8s Secret) ...
@@ -349,7 +349,7 @@ class Settings(BaseSettings):
     @property
     def fcm_api_base(self) -> str:
         """FCM's API root (`.../v1/projects/{project}/messages:send` hangs off it)."""
-        return self.fcm_base_url or f"http://127.0.0.1:{self.http_port}/notifications/dev/fcm"
+        return self.fcm_base_url or f"http://127.0.0.1:{self.http_port}/sandbox-gateway/fcm"
 
     @property
     def fcm_key_file(self) -> Path:

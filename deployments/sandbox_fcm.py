@@ -1,5 +1,6 @@
-"""A stand-in for Firebase Cloud Messaging (HTTP v1) outside production, mounted in the
-notifications application at `/notifications/dev/fcm`.
+"""A stand-in for Firebase Cloud Messaging (HTTP v1) outside production, served by the sandbox
+gateway application at `/sandbox-gateway/fcm` (its own process: the notifications replica that
+sends does not also pay for answering).
 
 It serves Google's OAuth2 token endpoint for service accounts (`/token`) and FCM's
 `/v1/projects/{project}/messages:send`, answering errors in Google's formats, so
@@ -58,10 +59,12 @@ class GoogleErrorRoute(APIRoute):
         return handle
 
 
-router = APIRouter(prefix="/dev/fcm", tags=["dev"], route_class=GoogleErrorRoute)
+router = APIRouter(prefix="/fcm", tags=["fcm"], route_class=GoogleErrorRoute)
 
 BEARER = HTTPBearer(
-    auto_error=False, scheme_name="FcmAccessToken", description="An access token from /dev/fcm/token"
+    auto_error=False,
+    scheme_name="FcmAccessToken",
+    description="An access token from /sandbox-gateway/fcm/token",
 )
 
 

@@ -1,4 +1,5 @@
-"""Sandbox payment gateway (`/sandbox-gateway`): a stand-in for Razorpay outside production.
+"""Sandbox gateway (`/sandbox-gateway`): stand-ins of third parties outside production, for
+Razorpay and, at `/fcm`, Firebase Cloud Messaging (`deployments/sandbox_fcm.py`).
 
 It serves Razorpay's API (`/v1/...`, basic auth with the configured key id and secret, errors
 in Razorpay's format) and signs and sends Razorpay-style webhooks, so the payments service
@@ -19,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.settings import get_settings
+from deployments import sandbox_fcm
 from deployments.common import create_api, http_error, resources, serve_builder
 from models.gateway import GatewayOrder, GatewayPayment, GatewayRefund
 from models.sandbox_gateway import (
@@ -39,7 +41,8 @@ from models.sandbox_gateway import (
 api = create_api(
     "sandbox_gateway",
     title="Vurksha sandbox gateway",
-    description="A Razorpay stand-in for development and tests: Razorpay's API and signed webhooks.",
+    description="Stand-ins of third parties for development and tests: Razorpay's API and signed "
+    "webhooks, and FCM HTTP v1 (`/fcm`).",
     # Its callers are our own services (all from one address): a third party would not
     # count them against our per-IP limits.
     rate_limited=False,
@@ -227,6 +230,7 @@ if get_settings().dev_endpoints:
 
     api.include_router(v1)
     api.include_router(controls)
+    api.include_router(sandbox_fcm.router)
 
 
 CHECKOUT_PAGE = """<!doctype html>

@@ -26,7 +26,7 @@ from models.push import JWT_BEARER, SCOPE, FcmPush, ServiceAccount, load_service
 from models.sandbox_fcm import access_key
 from tests.conftest import Live
 
-PREFIX = "/notifications/dev/fcm"
+PREFIX = "/sandbox-gateway/fcm"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 
 
