@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from config.settings import Settings
 from models.channels import Outcome, retry_after
+from models.tokens import write_once
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ class ServiceAccount(BaseModel):
 
 
 def _create_key_file(path: Path, settings: Settings) -> None:
-    """Write a fresh development key atomically. The first replica to link its file wins and
-    the others read that one, so concurrent replicas and the stand-in share one key (a
-    replace would let a later writer change the key under a replica that already read it)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """A development key whose token endpoint is the local stand-in's."""
     pem = generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -81,16 +79,7 @@ def _create_key_file(path: Path, settings: Settings) -> None:
         "client_email": DEV_CLIENT_EMAIL,
         "token_uri": f"{settings.fcm_api_base}/token",
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(key, f, indent=2)
-    try:
-        os.link(tmp, path)  # fails if another process won the race: keep theirs
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+    write_once(path, json.dumps(key, indent=2).encode())
 
 
 def load_service_account(settings: Settings) -> ServiceAccount:
@@ -103,7 +92,12 @@ def load_service_account(settings: Settings) -> ServiceAccount:
         if settings.env == "production":
             raise RuntimeError(f"the FCM service-account key file {path} does not exist")
         _create_key_file(path, settings)
-    return ServiceAccount.model_validate_json(path.read_text())
+    account = ServiceAccount.model_validate_json(path.read_text())
+    if settings.env != "production" and account.project_id == DEV_PROJECT_ID:
+        # A generated key's token endpoint is the stand-in's wherever it is now (the port or
+        # the stand-in's path may have changed since the key was written).
+        account = account.model_copy(update={"token_uri": f"{settings.fcm_api_base}/token"})
+    return account
 
 
 class _OAuthFailed(Exception):
@@ -145,6 +139,7 @@ class FcmPush:
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
+        self._sends: aiohttp.ClientSession | None = None
 
     async def send(
         self,
@@ -177,20 +172,34 @@ class FcmPush:
         }
         try:
             access = await self._access_token()
-            response = await self._post(access, message)
-            if response.status_code == 401 and _error_code(_json(response)) == "UNAUTHENTICATED":
+            answer = await self._post(access, message)
+            if answer.status == 401 and _error_code(answer.body) == "UNAUTHENTICATED":
                 # Revoked, or expired early: mint once more (unless a concurrent send already
                 # has) and try once more.
-                response = await self._post(await self._access_token(rejected=access), message)
+                answer = await self._post(await self._access_token(rejected=access), message)
         except _OAuthFailed as failed:
             return failed.outcome
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("FCM unreachable: %s", type(exc).__name__)
             return Outcome("retry", code="unreachable")
-        return _outcome(response)
+        return _outcome(answer)
 
-    async def _post(self, access: str, message: dict[str, Any]) -> httpx.Response:
-        return await self._client.post(self._url, json=message, headers={"Authorization": f"Bearer {access}"})
+    async def _post(self, access: str, message: dict[str, Any]) -> _Answer:
+        # Sends go through aiohttp: a broadcast makes thousands of them, and httpx cost about
+        # three times the CPU per request (the token mints, rare, stay on httpx).
+        if self._sends is None:
+            self._sends = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10), connector=aiohttp.TCPConnector(limit=100)
+            )
+        headers = {"Authorization": f"Bearer {access}"}
+        async with self._sends.post(self._url, json=message, headers=headers) as response:
+            try:
+                body = await response.json(content_type=None)
+            except ValueError:
+                body = None
+            return _Answer(
+                response.status, response.headers.get("Retry-After"), body if isinstance(body, dict) else {}
+            )
 
     async def _access_token(self, rejected: str | None = None) -> str:
         async with self._lock:
@@ -265,20 +274,27 @@ def _token_rejected(body: dict[str, Any]) -> bool:
     return False
 
 
-def _outcome(response: httpx.Response) -> Outcome:
-    body = _json(response)
-    if response.status_code == 200:
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    retry_after: str | None
+    body: dict[str, Any]
+
+
+def _outcome(answer: _Answer) -> Outcome:
+    body = answer.body
+    if answer.status == 200:
         name = body.get("name")
         return Outcome("sent", provider_id=name if isinstance(name, str) else None)
-    code = _error_code(body) or f"http_{response.status_code}"
+    code = _error_code(body) or f"http_{answer.status}"
     # The code only: FCM's message may quote the request.
-    log.warning("FCM refused a message: HTTP %s %s", response.status_code, code)
+    log.warning("FCM refused a message: HTTP %s %s", answer.status, code)
     if code in DEAD_TOKEN_CODES:
         return Outcome("failed", code=code, drop_address=True)
     if code == "INVALID_ARGUMENT":
         return Outcome("failed", code=code, drop_address=_token_rejected(body))
-    if response.status_code == 429 or response.status_code >= 500:
-        return Outcome("retry", code=code, retry_after_s=retry_after(response.headers.get("Retry-After")))
+    if answer.status == 429 or answer.status >= 500:
+        return Outcome("retry", code=code, retry_after_s=retry_after(answer.retry_after))
     # THIRD_PARTY_AUTH_ERROR (our APNs/Web Push credentials), our own 401/403: not the token's
     # fault, and not fixed by retrying.
     return Outcome("failed", code=code)
