@@ -75,6 +75,7 @@ bench: bench-setup
 	$(BIN)/python -m tests.bench.route_service
 	$(BIN)/python -m tests.bench.routes --portfolio
 	$(BIN)/python -m tests.bench.recommender --serve
+	$(BIN)/python -m tests.bench.notifications
 
 clean:
 	rm -rf $(VENV) .vurksha .pytest_cache .mypy_cache .ruff_cache .hypothesis

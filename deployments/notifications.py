@@ -5,7 +5,7 @@ The outbox relay hands every subscribed event to `consume`, which records the me
 (once per event, user and channel) and wakes this replica's dispatcher; the dispatcher hands
 due sends to the providers, retries what they ask to retry, and falls back to SMS for a
 critical push no device took. Outside production it also serves the dev outbox (what was
-"sent" on each channel), the FCM stand-in (`/dev/fcm`) and a local SMTP server.
+"sent" on each channel) and a local SMTP server; the FCM stand-in is in the sandbox gateway.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from fastapi.responses import HTMLResponse
 from redis.asyncio import Redis
 
 from config.settings import get_settings
-from deployments import sandbox_fcm
 from deployments.common import CurrentUser, Db, create_api, require_role, resources, serve_builder
 from deployments.sockets import (
     SOCKETS,
@@ -42,7 +41,7 @@ from models.channels import DevOutbox, OutboxMessage
 from models.db import utcnow
 from models.email import DevSmtpServer, make_email
 from models.notification_flows import Notifier, Providers, quiet_default
-from models.notification_rules import TEMPLATES, Content, render
+from models.notification_rules import SAMPLE_CONTEXT, TEMPLATES, Content, render
 from models.outbox import Event
 from models.push import make_push
 from models.users import Language, Phone, Role
@@ -54,9 +53,6 @@ api = create_api(
     title="Vurksha notifications",
     description="Push (FCM), SMS, email and an in-app inbox on order and delivery events; "
     "devices, preferences, quiet hours.",
-    # The FCM stand-in (outside production only): its callers are our own replicas, which a
-    # real FCM would not count against our per-IP limits.
-    unlimited=sandbox_fcm.router if get_settings().dev_endpoints else None,
 )
 
 OPS = Depends(require_role(Role.admin, Role.ops))
@@ -304,7 +300,7 @@ async def preview(
 ) -> n.ContentOut:
     """A template rendered with sample values, as push/SMS/inbox text and as the email page.
     Ops and admins."""
-    content: Content = render(kind, language, n.SAMPLE_CONTEXT)
+    content: Content = render(kind, language, SAMPLE_CONTEXT)
     return n.ContentOut(**content.as_dict())
 
 

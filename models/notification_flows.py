@@ -11,12 +11,13 @@ so such a crash can send that message once more (never more per crash).
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy import func, select, update
@@ -27,12 +28,14 @@ from models import notifications as n
 from models.channels import Outcome, SmsProvider
 from models.delivery import Delivery, Partner
 from models.delivery_rules import LatLng, Vehicle, eta_s
+from models.email import SmtpEmail
 from models.notification_rules import (
     EVENTS,
     FALLBACK,
     PROMOTION,
     Category,
     Channel,
+    Content,
     Rule,
     order_ref,
     render,
@@ -41,37 +44,21 @@ from models.notification_rules import (
 from models.orders import Order, OrderLine
 from models.outbox import Event, backoff_seconds
 from models.products import Store
-from models.users import User
+from models.push import FcmPush
+from models.users import Language, User
 
 log = logging.getLogger("vurksha.notifications")
 
 BATCH = 200
 CONCURRENCY = 64
-
-
-class Push(Protocol):
-    async def send(
-        self, token: str, *, title: str, body: str, data: dict[str, str] | None = None
-    ) -> Outcome: ...
-
-
-class Email(Protocol):
-    async def send(
-        self,
-        to: str,
-        *,
-        subject: str,
-        text: str,
-        html: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Outcome: ...
+PRIORITIES = (0, 1)  # transactional, promotions (`notification_sends.priority`)
 
 
 @dataclass
 class Providers:
-    push: Push
+    push: FcmPush
     sms: SmsProvider
-    email: Email
+    email: SmtpEmail
 
 
 # ---------------------------------------------------------------- what an event says
@@ -165,15 +152,27 @@ async def plan_event(
 BROADCAST_PAGE = 1000
 
 
-def _promotion(r: n.Recipient, context: dict[str, Any], unsubscribe_url: str) -> n.Planned:
-    content = render(PROMOTION.kind, r.language, context, unsubscribe_url=unsubscribe_url)
-    headers = {
-        "List-Unsubscribe": f"<{unsubscribe_url}>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-    }
-    return n.Planned(
-        rule=PROMOTION, recipient=r, content=content, data={"event": n.BROADCAST_TOPIC}, headers=headers
-    )
+_LINK = "UNSUBSCRIBE-LINK"  # where each recipient's own link goes into the shared page
+
+
+class _Promotion:
+    """A broadcast's message, rendered once per language (not once per recipient: the page
+    differs only by each one's unsubscribe link, put in by replacement)."""
+
+    def __init__(self, context: dict[str, Any], base_url: str, secret: bytes) -> None:
+        self._context, self._base, self._secret = context, base_url, secret
+        self._rendered: dict[Language, Content] = {}
+
+    def planned(self, r: n.Recipient) -> n.Planned:
+        shared = self._rendered.get(r.language)
+        if shared is None:
+            shared = self._rendered[r.language] = render(PROMOTION.kind, r.language, self._context, _LINK)
+        link = f"{self._base}/notifications/unsubscribe?token={n.unsubscribe_token(r.id, self._secret)}"
+        content = replace(shared, html=shared.html.replace(_LINK, html.escape(link)))
+        headers = {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+        return n.Planned(
+            rule=PROMOTION, recipient=r, content=content, data={"event": n.BROADCAST_TOPIC}, headers=headers
+        )
 
 
 def quiet_default(settings: Settings) -> tuple[Any, Any]:
@@ -212,7 +211,7 @@ class Notifier:
         self._settings = settings
         self._clock = clock
         self._on_inbox = on_inbox
-        self._wake = asyncio.Event()
+        self._wake = {priority: asyncio.Event() for priority in PRIORITIES}
         self._gate = asyncio.Semaphore(CONCURRENCY)
 
     async def consume(self, event: Event) -> str:
@@ -234,8 +233,10 @@ class Notifier:
         key, after, total, sends = f"broadcast:{broadcast_id}", None, 0, 0
         async with self._sessions() as session:
             broadcast = await n.get_broadcast(session, broadcast_id)
-        context = {"title": broadcast.title, "body": broadcast.body}
         secret = self._settings.cursor_secret.get_secret_value().encode()
+        promotion = _Promotion(
+            {"title": broadcast.title, "body": broadcast.body}, self._settings.public_url, secret
+        )
         while True:
             now = self._clock()
             async with self._sessions() as session:
@@ -247,15 +248,7 @@ class Notifier:
                     await session.commit()
                     break
                 people = await n.recipients(session, page, quiet_default(self._settings))
-                planned = [
-                    _promotion(
-                        r,
-                        context,
-                        f"{self._settings.public_url}/notifications/unsubscribe?token="
-                        f"{n.unsubscribe_token(r.id, secret)}",
-                    )
-                    for r in people
-                ]
+                planned = [promotion.planned(r) for r in people]
                 result = await n.record(session, key, planned, now)
                 await session.commit()
             await self._after_record(result)
@@ -267,19 +260,26 @@ class Notifier:
             for user_id, item in result.inbox:
                 await self._on_inbox(user_id, item)
         if result.sends:
-            self._wake.set()
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        for event in self._wake.values():
+            event.set()
 
     async def run(self) -> None:
-        """Hand over due sends until cancelled: at once when woken, else every poll period."""
+        """Hand over due sends until cancelled, transactional and promotional ones in loops of
+        their own: a broadcast's batches never stand between an order update and its push."""
+        await asyncio.gather(*(self._loop(priority) for priority in PRIORITIES))
+
+    async def _loop(self, priority: int) -> None:
+        wake = self._wake[priority]
         while True:
             try:
-                if await self.dispatch():
+                if await self.dispatch(priority):
                     continue
-                self._wake.clear()
+                wake.clear()
                 try:
-                    await asyncio.wait_for(
-                        self._wake.wait(), timeout=self._settings.notification_poll_seconds
-                    )
+                    await asyncio.wait_for(wake.wait(), timeout=self._settings.notification_poll_seconds)
                 except TimeoutError:
                     pass
             except asyncio.CancelledError:
@@ -288,11 +288,12 @@ class Notifier:
                 log.exception("notification dispatch failed; retrying")
                 await asyncio.sleep(1)
 
-    async def dispatch(self) -> int:
-        """Claim a batch of due sends, hand them over, record the outcomes."""
+    async def dispatch(self, priority: int) -> int:
+        """Claim a batch of due sends of a priority, hand them over, record the outcomes."""
         async with self._sessions() as session:
             due = await n.claim(
                 session,
+                priority=priority,
                 now=self._clock(),
                 limit=BATCH,
                 lease_seconds=self._settings.notification_lease_seconds,
@@ -313,7 +314,7 @@ class Notifier:
             fallbacks = await n.queue_sends(session, list(_fallbacks(due, handed, now)), now)
             await session.commit()
         if fallbacks:
-            self._wake.set()
+            self._wake_all()
         return len(due)
 
     async def _hand_over(self, d: n.Due, to: n.Address | None) -> Handed:
@@ -385,17 +386,6 @@ class Notifier:
 def _fallbacks(due: Iterable[n.Due], handed: Iterable[Handed], now: datetime) -> Iterable[dict[str, Any]]:
     for d, h in zip(due, handed, strict=True):
         if h.fallback is not None:
-            yield {
-                "event_key": d.event_key,
-                "user_id": d.user_id,
-                "channel": h.fallback.value,
-                "kind": d.kind,
-                "category": d.category.value,
-                "critical": d.critical,
-                "priority": 0,
-                "status": "queued",
-                "next_attempt_at": now,
-                "content": d.content,
-                "created_at": now,
-                "updated_at": now,
-            }
+            yield n.send_row(
+                d.event_key, d.user_id, h.fallback, d.kind, d.category, d.critical, now, d.content, now
+            )

@@ -254,6 +254,25 @@ TEMPLATES: dict[str, dict[Language, tuple[str, str]]] = {
     },
 }
 
+# Values a template preview is rendered with.
+SAMPLE_CONTEXT: dict[str, Any] = {
+    "order_ref": "3F2A9C1B",
+    "total": "₹349",
+    "paid": "₹349",
+    "amount": "₹120",
+    "method": "online",
+    "items": 4,
+    "reason": "",
+    "refund": True,
+    "eta_minutes": 9,
+    "pin": "4821",
+    "partner": "Ravi",
+    "orders": 2,
+    "seconds": 20,
+    "title": "Mangoes are in",
+    "body": "Alphonso mangoes, 20% off today.",
+}
+
 _EMAIL_HTML = """<!doctype html>
 <html lang="{{ language }}"><head><meta charset="utf-8"><title>{{ title }}</title></head>
 <body style="font-family: sans-serif; max-width: 36em; margin: auto">

@@ -32,6 +32,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     func,
     select,
@@ -256,26 +257,6 @@ class ClockOffset(Strict):
     offset_seconds: float = Field(strict=True, ge=0, le=30 * 24 * 3600)
 
 
-# Values a template preview is rendered with.
-SAMPLE_CONTEXT: dict[str, Any] = {
-    "order_ref": "3F2A9C1B",
-    "total": "₹349",
-    "paid": "₹349",
-    "amount": "₹120",
-    "method": "online",
-    "items": 4,
-    "reason": "",
-    "refund": True,
-    "eta_minutes": 9,
-    "pin": "4821",
-    "partner": "Ravi",
-    "orders": 2,
-    "seconds": 20,
-    "title": "Mangoes are in",
-    "body": "Alphonso mangoes, 20% off today.",
-}
-
-
 class ChannelSwitches(Strict):
     push: StrictBool | None = None
     sms: StrictBool | None = None
@@ -360,6 +341,9 @@ class SendOut(BaseModel):
     last_code: str | None
     created_at: datetime
     attempts: list[AttemptOut]
+
+
+SEND_FIELDS = [f for f in SendOut.model_fields if f != "attempts"]
 
 
 class NoSuchNotification(NotFound):
@@ -598,21 +582,12 @@ async def record(
                 continue
             if channel is Channel.email and r.email is None:
                 continue
+            due_at = not_before(rule, now, r.time_zone, *r.quiet)
+            content = {**p.content.as_dict(), "data": p.data, "headers": p.headers}
             sends.append(
-                {
-                    "event_key": event_key,
-                    "user_id": r.id,
-                    "channel": channel.value,
-                    "kind": rule.kind,
-                    "category": rule.category.value,
-                    "critical": rule.critical,
-                    "priority": 1 if rule.category is Category.promotions else 0,
-                    "status": "queued",
-                    "next_attempt_at": not_before(rule, now, r.time_zone, *r.quiet),
-                    "content": {**p.content.as_dict(), "data": p.data, "headers": p.headers},
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                send_row(
+                    event_key, r.id, channel, rule.kind, rule.category, rule.critical, due_at, content, now
+                )
             )
     new_sends = await queue_sends(session, sends, now)
     items: list[tuple[uuid.UUID, InboxItemOut]] = []
@@ -623,6 +598,25 @@ async def record(
         items = [(i.user_id, _item_out(i)) for i in rows]
     await session.flush()
     return PlanResult(sends=new_sends, inbox=items)
+
+
+def send_row(
+    event_key: str,
+    user_id: uuid.UUID,
+    channel: Channel,
+    kind: str,
+    category: Category,
+    critical: bool,
+    due_at: datetime,
+    content: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """A new send's row, for `queue_sends`."""
+    return dict(
+        event_key=event_key, user_id=user_id, channel=channel.value, kind=kind, category=category.value,
+        critical=critical, priority=1 if category is Category.promotions else 0, status="queued",
+        next_attempt_at=due_at, content=content, created_at=now, updated_at=now,
+    )  # fmt: skip
 
 
 async def queue_sends(session: AsyncSession, sends: list[dict[str, Any]], now: datetime) -> list[int]:
@@ -652,16 +646,7 @@ async def queue_sends(session: AsyncSession, sends: list[dict[str, Any]], now: d
 
 
 def _item_out(i: InboxItem) -> InboxItemOut:
-    return InboxItemOut(
-        id=i.id,
-        kind=i.kind,
-        category=Category(i.category),
-        title=i.title,
-        body=i.body,
-        data=i.data,
-        created_at=i.created_at,
-        read_at=i.read_at,
-    )
+    return InboxItemOut.model_validate(i, from_attributes=True)
 
 
 async def inbox_page(session: AsyncSession, user_id: uuid.UUID, cursor: str | None, limit: int) -> InboxPage:
@@ -723,8 +708,7 @@ async def mark_all_read(session: AsyncSession, user_id: uuid.UUID, now: datetime
 # ---------------------------------------------------------------- sends: claiming and settling
 
 
-@dataclass(frozen=True)
-class Due:
+class Due(BaseModel):
     """A claimed send and what handing it over needs."""
 
     id: int
@@ -738,16 +722,19 @@ class Due:
     content: dict[str, Any]
 
 
-async def claim(session: AsyncSession, *, now: datetime, limit: int, lease_seconds: float) -> list[Due]:
-    """Take due sends (transactional first) and lease them: a send whose replica dies while
-    handing it over is due again when the lease ends, so it is sent at most once more."""
+async def claim(
+    session: AsyncSession, *, priority: int, now: datetime, limit: int, lease_seconds: float
+) -> list[Due]:
+    """Take due sends of one priority (0 transactional, 1 promotions) and lease them: a send
+    whose replica dies while handing it over is due again when the lease ends, so it is sent
+    at most once more."""
     rows = await session.execute(
         text(
             """
             WITH due AS (
                 SELECT id FROM notification_sends
-                WHERE status IN ('queued', 'sending') AND next_attempt_at <= :now
-                ORDER BY priority, next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED
+                WHERE status IN ('queued', 'sending') AND priority = :priority AND next_attempt_at <= :now
+                ORDER BY next_attempt_at, id LIMIT :limit FOR UPDATE SKIP LOCKED
             )
             UPDATE notification_sends s
             SET status = 'sending', attempts = s.attempts + 1, updated_at = :now,
@@ -757,22 +744,9 @@ async def claim(session: AsyncSession, *, now: datetime, limit: int, lease_secon
                       s.attempts, s.content
             """
         ),
-        {"now": now, "limit": limit, "lease": lease_seconds},
+        {"priority": priority, "now": now, "limit": limit, "lease": lease_seconds},
     )
-    return [
-        Due(
-            id=r.id,
-            event_key=r.event_key,
-            user_id=r.user_id,
-            channel=Channel(r.channel),
-            kind=r.kind,
-            category=Category(r.category),
-            critical=r.critical,
-            attempts=r.attempts,
-            content=r.content,
-        )
-        for r in sorted(rows, key=lambda r: r.id)
-    ]
+    return [Due.model_validate(dict(r._mapping)) for r in sorted(rows, key=lambda r: r.id)]
 
 
 @dataclass(frozen=True)
@@ -785,26 +759,49 @@ class Settled:
     retry_at: datetime | None = None
 
 
+_SETTLE = (
+    update(Send.__table__)  # type: ignore[arg-type]
+    .where(
+        Send.__table__.c.id == bindparam("send_id"),
+        Send.__table__.c.attempts == bindparam("attempt"),
+        Send.__table__.c.status == "sending",
+    )
+    .values(
+        status=bindparam("new_status"),
+        last_code=bindparam("code"),
+        provider_id=func.coalesce(bindparam("provider_id"), Send.__table__.c.provider_id),
+        next_attempt_at=func.coalesce(bindparam("retry_at"), Send.__table__.c.next_attempt_at),
+        updated_at=bindparam("now"),
+    )
+)
+
+
 async def settle(session: AsyncSession, results: Sequence[Settled], now: datetime) -> None:
-    """Record what the providers said, fenced on the attempt number (a lease that expired and
-    was claimed again is not overwritten by the older attempt)."""
-    for r in results:
-        values: dict[str, Any] = {"last_code": r.code, "updated_at": now}
-        if r.status == "retry":
-            values |= {"status": "queued", "next_attempt_at": r.retry_at}
-        else:
-            values |= {"status": r.status, "provider_id": r.provider_id}
-        await session.execute(
-            update(Send)
-            .where(Send.id == r.id, Send.attempts == r.attempts, Send.status == "sending")
-            .values(**values)
+    """Record what the providers said, in one round trip per statement, fenced on the attempt
+    number (a lease that expired and was claimed again is not overwritten by the older
+    attempt)."""
+    if not results:
+        return
+    await session.execute(
+        _SETTLE,
+        [
+            {
+                "send_id": r.id,
+                "attempt": r.attempts,
+                "new_status": "queued" if r.status == "retry" else r.status,
+                "code": r.code,
+                "provider_id": r.provider_id,
+                "retry_at": r.retry_at,
+                "now": now,
+            }
+            for r in results
+        ],
+    )
+    await session.execute(
+        insert(Attempt).values(
+            [{"send_id": r.id, "status": r.status, "code": r.code, "created_at": now} for r in results]
         )
-    if results:
-        await session.execute(
-            insert(Attempt).values(
-                [{"send_id": r.id, "status": r.status, "code": r.code, "created_at": now} for r in results]
-            )
-        )
+    )
 
 
 @dataclass(frozen=True)
@@ -954,18 +951,7 @@ async def deliveries(session: AsyncSession, user_id: uuid.UUID, limit: int) -> l
         ):
             steps.setdefault(a.send_id, []).append(AttemptOut(status=a.status, code=a.code, at=a.created_at))
     return [
-        SendOut(
-            id=s.id,
-            event_key=s.event_key,
-            channel=Channel(s.channel),
-            kind=s.kind,
-            category=Category(s.category),
-            critical=s.critical,
-            status=s.status,
-            last_code=s.last_code,
-            created_at=s.created_at,
-            attempts=steps.get(s.id, []),
-        )
+        SendOut.model_validate({**{f: getattr(s, f) for f in SEND_FIELDS}, "attempts": steps.get(s.id, [])})
         for s in sends
     ]
 

@@ -26,7 +26,7 @@ from tests.service.test_orders import checkout, wait_for
 
 pytestmark = pytest.mark.usefixtures("live")
 
-FCM = "/notifications/dev/fcm/sandbox"
+FCM = "/sandbox-gateway/fcm/sandbox"
 
 
 @pytest.fixture
@@ -453,3 +453,21 @@ def test_the_inbox_socket_pushes_new_items_to_their_owner_only(live: Live, shop:
     late = Client(live, "/notifications/ws", "/notifications/ws")
     late.send({"type": "auth", "token": "not-a-token"})
     assert late.closed_with() == 4401
+
+
+def test_a_mail_server_refusing_an_address_for_good_stops_mail_to_it(live: Live, shop: Shop, ops: Session):
+    user = live.login()
+    bad = f"bounce{uuid.uuid4().hex[:8]}@example.com"  # the local SMTP server refuses bounce*
+    ok(user.request("PATCH", "/users/me", json={"email": bad}))
+    placed_order(live, shop, user)  # the placing's email is refused: 550
+    (mail,) = [s for s in sends(ops, user) if s["channel"] == "email"]
+    assert (mail["status"], mail["last_code"]) == ("failed", "smtp_550")
+    (row,) = live.sql("SELECT email_undeliverable_at FROM users WHERE id = :u", u=user.user_id)
+    assert row.email_undeliverable_at is not None
+    delivered(live, inject(live, "order.cancelled", {"order_id": placed_order(live, shop, user)["id"]}))
+    assert [s["kind"] for s in sends(ops, user) if s["channel"] == "email"] == ["order_placed"]
+    # A new address gets a new chance.
+    good = f"c{uuid.uuid4().hex[:8]}@example.com"
+    ok(user.request("PATCH", "/users/me", json={"email": good}))
+    placed_order(live, shop, user)
+    assert len(live.client().get("/notifications/dev/mail", params={"to": good}).json()) == 1

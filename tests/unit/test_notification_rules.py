@@ -13,6 +13,7 @@ from models.notification_rules import (
     CRITICAL,
     EVENTS,
     PROMOTION,
+    SAMPLE_CONTEXT,
     TEMPLATES,
     Category,
     Channel,
@@ -23,7 +24,6 @@ from models.notification_rules import (
     render,
     rupees,
 )
-from models.notifications import SAMPLE_CONTEXT
 from models.outbox import SUBSCRIBERS
 from models.users import Language
 
