@@ -52,6 +52,9 @@ log = logging.getLogger("vurksha.notifications")
 BATCH = 200
 CONCURRENCY = 64
 PRIORITIES = (0, 1)  # transactional, promotions (`notification_sends.priority`)
+# Two promotional loops: one claims and hands over its batch while the other waits for the
+# slowest sends of its own (a broadcast's pace is set by that overlap).
+LOOPS = (0, 1, 1)
 
 
 @dataclass
@@ -212,7 +215,8 @@ class Notifier:
         self._clock = clock
         self._on_inbox = on_inbox
         self._wake = {priority: asyncio.Event() for priority in PRIORITIES}
-        self._gate = asyncio.Semaphore(CONCURRENCY)
+        # Sends in flight, per priority: promotions never take a transactional send's slot.
+        self._gates = {priority: asyncio.Semaphore(CONCURRENCY) for priority in PRIORITIES}
 
     async def consume(self, event: Event) -> str:
         """Record an outbox event's messages (a second delivery of it records nothing), then
@@ -269,7 +273,7 @@ class Notifier:
     async def run(self) -> None:
         """Hand over due sends until cancelled, transactional and promotional ones in loops of
         their own: a broadcast's batches never stand between an order update and its push."""
-        await asyncio.gather(*(self._loop(priority) for priority in PRIORITIES))
+        await asyncio.gather(*(self._loop(priority) for priority in LOOPS))
 
     async def _loop(self, priority: int) -> None:
         wake = self._wake[priority]
@@ -303,7 +307,8 @@ class Notifier:
             return 0
         async with self._sessions() as session:
             where = await n.addresses(session, list({d.user_id for d in due}))
-        handed = await asyncio.gather(*(self._hand_over(d, where.get(d.user_id)) for d in due))
+        capped = await self._over_cap(due)
+        handed = await asyncio.gather(*(self._hand_over(d, where.get(d.user_id), capped) for d in due))
         now = self._clock()
         async with self._sessions() as session:
             await n.settle(session, [h.settled for h in handed], now)
@@ -317,11 +322,11 @@ class Notifier:
             self._wake_all()
         return len(due)
 
-    async def _hand_over(self, d: n.Due, to: n.Address | None) -> Handed:
-        async with self._gate:
+    async def _hand_over(self, d: n.Due, to: n.Address | None, capped: set[int]) -> Handed:
+        async with self._gates[1 if d.category is Category.promotions else 0]:
             if to is None:
                 return Handed(n.Settled(d.id, d.attempts, "failed", "no_recipient"))
-            if d.category is Category.promotions and not await self._within_cap(d):
+            if d.id in capped:
                 return Handed(n.Settled(d.id, d.attempts, "skipped", "rate_capped"))
             c = d.content
             if d.channel is Channel.push:
@@ -373,14 +378,21 @@ class Notifier:
         )
         return n.Settled(d.id, d.attempts, "retry", o.code, retry_at=self._clock() + timedelta(seconds=wait))
 
-    async def _within_cap(self, d: n.Due) -> bool:
+    async def _over_cap(self, due: list[n.Due]) -> set[int]:
+        """The promotional sends of a batch that would pass their user's daily cap on their
+        channel (counted in Redis, one round trip for the batch)."""
+        promotions = [d for d in due if d.category is Category.promotions]
+        if not promotions:
+            return set()
         day = self._clock().strftime("%Y%m%d")
-        key = f"notify:cap:{d.user_id}:{d.channel.value}:{day}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 2 * 24 * 3600)
-            count, _ = await pipe.execute()
-        return int(count) <= self._settings.notification_promotions_per_day
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for d in promotions:
+                key = f"notify:cap:{d.user_id}:{d.channel.value}:{day}"
+                pipe.incr(key)
+                pipe.expire(key, 2 * 24 * 3600)
+            counts = (await pipe.execute())[::2]
+        cap = self._settings.notification_promotions_per_day
+        return {d.id for d, count in zip(promotions, counts, strict=True) if int(count) > cap}
 
 
 def _fallbacks(due: Iterable[n.Due], handed: Iterable[Handed], now: datetime) -> Iterable[dict[str, Any]]:

@@ -431,10 +431,14 @@ class SandboxFcm:
         return SendResponse(name=f"projects/{project}/messages/{message_id}")
 
     async def _check_token(self, token: str) -> None:
-        if await self._redis.exists(_unregistered_key(token)):
+        # One round trip for both (a broadcast sends thousands a second through here). LPOP:
+        # concurrent sends each take a different queued fault, never the same one twice.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(_unregistered_key(token))
+            pipe.lpop(_faults_key(token))
+            unregistered, raw = await pipe.execute()
+        if unregistered:
             raise fcm_error("UNREGISTERED")
-        # LPOP: concurrent sends each take a different queued fault, never the same one twice.
-        raw = await self._redis.lpop(_faults_key(token))
         if isinstance(raw, str | bytes):
             fault = json.loads(raw)
             raise fcm_error(fault["status"], retry_after_s=fault["retry_after_seconds"])
