@@ -184,6 +184,12 @@ class FcmPush:
             return Outcome("retry", code="unreachable")
         return _outcome(answer)
 
+    async def aclose(self) -> None:
+        """Close the connections (the injected httpx client is its owner's to close)."""
+        if self._sends is not None:
+            await self._sends.close()
+            self._sends = None
+
     async def _post(self, access: str, message: dict[str, Any]) -> _Answer:
         # Sends go through aiohttp: a broadcast makes thousands of them, and httpx cost about
         # three times the CPU per request (the token mints, rare, stay on httpx).

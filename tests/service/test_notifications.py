@@ -173,9 +173,14 @@ def test_an_order_from_checkout_to_doorstep_tells_each_party_once(live: Live, sh
     page = ok(user.request("GET", "/notifications"))
     assert page["unread"] == 7 and len(page["items"]) == 7
     assert sorted(i["data"]["event"] for i in page["items"]) == expected
-    assert [b for b in sms_to(live, user.phone) if pin in b]
-    mail = live.client().get("/notifications/dev/mail", params={"to": email}).json()
-    assert len(mail) == 2 and all(m["extra"]["html"].startswith("<!doctype html>") for m in mail)
+    wait_for(lambda: [b for b in sms_to(live, user.phone) if pin in b], what="the PIN by SMS")
+    mail = wait_for(
+        lambda: (
+            len(m := live.client().get("/notifications/dev/mail", params={"to": email}).json()) == 2 and m
+        ),
+        what="two emails",
+    )
+    assert all(m["extra"]["html"].startswith("<!doctype html>") for m in mail)
 
     # Delivering the placed event again (at least once means it can happen) sends nothing new.
     (event,) = live.sql(
@@ -242,6 +247,7 @@ def test_a_critical_push_no_device_takes_goes_by_sms(live: Live, shop: Shop, ops
     control(live, f"tokens/{dead}/unregister")
     inject(live, "order.payment_failed", {"order_id": placed["id"], "status": "payment_failed"})
     wait_for(lambda: [b for b in sms_to(live, user.phone) if "Payment failed" in b], what="the SMS fallback")
+    wait_for(lambda: settled(live, user), what="the sends recorded")
     channels = {(s["channel"], s["status"]) for s in sends(ops, user)}
     assert ("push", "failed") in channels and ("sms", "sent") in channels
     # Not critical: an order update with no device just does not go out by push.
@@ -394,11 +400,14 @@ def test_a_broadcast_respects_opt_in_quiet_hours_and_daily_caps(
     first = broadcast(admin, live, shop.store_a, "Mangoes are in")
     assert first["recipients"] == 2  # the silent customer never opted in
     wait_for(lambda: events_pushed(live, tokens[awake.user_id]) == ["promotion.broadcast"], what="the push")
-    (mail,) = [
-        m
-        for m in live.client().get("/notifications/dev/mail", params={"to": email}).json()
-        if m["extra"]["subject"] == "Mangoes are in"
-    ]
+    (mail,) = wait_for(
+        lambda: [
+            m
+            for m in live.client().get("/notifications/dev/mail", params={"to": email}).json()
+            if m["extra"]["subject"] == "Mangoes are in"
+        ],
+        what="the promotion's email",
+    )
     assert "&lt;b&gt;20% off&lt;/b&gt;" in mail["extra"]["html"]  # the admin's text, escaped
     link = mail["extra"]["headers"]["List-Unsubscribe"].strip("<>")
     assert mail["extra"]["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"

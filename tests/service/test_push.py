@@ -91,6 +91,7 @@ async def senders(live: Live, account: ServiceAccount) -> AsyncIterator[Callable
 
     yield make
     for sender in made:
+        await sender.push.aclose()
         await sender.client.aclose()
 
 
