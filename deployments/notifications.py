@@ -42,6 +42,7 @@ from models.db import utcnow
 from models.email import DevSmtpServer, make_email
 from models.notification_flows import Notifier, Providers, quiet_default
 from models.notification_rules import SAMPLE_CONTEXT, TEMPLATES, Content, render
+from models.notification_tables import TOKEN_PATH, BroadcastOut, ClockOffset, ContentOut, ReadAll
 from models.outbox import Event
 from models.push import make_push
 from models.users import Language, Phone, Role
@@ -203,7 +204,7 @@ async def register_device(body: n.DeviceIn, principal: CurrentUser, db: Db) -> n
 
 
 @api.delete("/devices/{token}", status_code=204, tags=["devices"])
-async def forget_device(token: Annotated[str, n.TOKEN_PATH], principal: CurrentUser, db: Db) -> Response:
+async def forget_device(token: Annotated[str, TOKEN_PATH], principal: CurrentUser, db: Db) -> Response:
     """Stop pushes to one of your devices (404 `device_not_found` if it is not yours)."""
     await n.forget_device(db, principal.id, token)
     return Response(status_code=204)
@@ -229,10 +230,10 @@ async def read_one(item_id: uuid.UUID, principal: CurrentUser, db: Db) -> n.Inbo
     return await n.mark_read(db, principal.id, item_id, utcnow())
 
 
-@api.post("/read-all", response_model=n.ReadAll, tags=["inbox"])
-async def read_all(principal: CurrentUser, db: Db) -> n.ReadAll:
+@api.post("/read-all", response_model=ReadAll, tags=["inbox"])
+async def read_all(principal: CurrentUser, db: Db) -> ReadAll:
     """Mark all your notifications read."""
-    return n.ReadAll(updated=await n.mark_all_read(db, principal.id, utcnow()))
+    return ReadAll(updated=await n.mark_all_read(db, principal.id, utcnow()))
 
 
 @api.websocket("/ws")
@@ -293,18 +294,18 @@ async def deliveries(
     return await n.deliveries(db, user_id, limit)
 
 
-@api.get("/templates/{kind}/preview", response_model=n.ContentOut, tags=["ops"], dependencies=[OPS])
+@api.get("/templates/{kind}/preview", response_model=ContentOut, tags=["ops"], dependencies=[OPS])
 async def preview(
     kind: Literal[tuple(TEMPLATES)],  # type: ignore[valid-type]
     language: Language = Language.en,
-) -> n.ContentOut:
+) -> ContentOut:
     """A template rendered with sample values, as push/SMS/inbox text and as the email page.
     Ops and admins."""
     content: Content = render(kind, language, SAMPLE_CONTEXT)
-    return n.ContentOut(**content.as_dict())
+    return ContentOut(**content.as_dict())
 
 
-@api.post("/broadcasts", status_code=202, response_model=n.BroadcastOut, tags=["ops"], dependencies=[ADMIN])
+@api.post("/broadcasts", status_code=202, response_model=BroadcastOut, tags=["ops"], dependencies=[ADMIN])
 async def broadcast(body: n.BroadcastIn, principal: CurrentUser, db: Db) -> n.Broadcast:
     """Send a promotion to a segment (a store's customers, or every customer). It reaches
     only those who opted into promotions, waits out each one's quiet hours, counts against
@@ -312,7 +313,7 @@ async def broadcast(body: n.BroadcastIn, principal: CurrentUser, db: Db) -> n.Br
     return await n.create_broadcast(db, body, principal.id, utcnow())
 
 
-@api.get("/broadcasts/{broadcast_id}", response_model=n.BroadcastOut, tags=["ops"], dependencies=[ADMIN])
+@api.get("/broadcasts/{broadcast_id}", response_model=BroadcastOut, tags=["ops"], dependencies=[ADMIN])
 async def get_broadcast(broadcast_id: uuid.UUID, db: Db) -> n.Broadcast:
     """A broadcast, with how many users it was recorded for once expanded. Admins only."""
     return await n.get_broadcast(db, broadcast_id)
@@ -364,8 +365,8 @@ if get_settings().dev_endpoints:
         """Email the local SMTP server received for an address, newest first."""
         return await DevOutbox(resources().redis).read(to, "email")
 
-    @api.put("/dev/clock", response_model=n.ClockOffset, tags=["dev"])
-    async def dev_clock(body: n.ClockOffset) -> n.ClockOffset:
+    @api.put("/dev/clock", response_model=ClockOffset, tags=["dev"])
+    async def dev_clock(body: ClockOffset) -> ClockOffset:
         """Shift the dispatcher's clock (seconds; 0 resets), e.g. to see quiet hours end."""
         await resources().redis.set(CLOCK_OFFSET_KEY, body.offset_seconds)
         return body
