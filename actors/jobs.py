@@ -3,8 +3,8 @@
 - `expire`: cancel unpaid orders whose stock reservation ran out, releasing the stock;
 - `reconcile`: ask the gateway about payments and refunds still pending, so a dropped
   webhook cannot strand an order;
-- `purge`: drop idempotency keys past their window and delivered outbox events and
-  processed webhook events past retention.
+- `purge`: drop idempotency keys past their window, delivered outbox events and processed
+  webhook events past retention, and finished notification sends and inbox items past theirs.
 
 Every job is safe to run twice or concurrently (conditional updates, SKIP LOCKED), so a
 restart, or ops running one by hand (`run`), never does harm.
@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from actors import named
 from config.settings import Settings, get_settings
-from models import idempotency, order_flows, orders, outbox
+from models import idempotency, notifications, order_flows, orders, outbox
 from models.db import make_engine, make_sessionmaker, utcnow
 from models.gateway import RazorpayClient, make_gateway
 from models.payments import GatewayEvent
@@ -95,6 +95,11 @@ class Janitor:
         async with self._sessions() as s:
             n = await idempotency.purge(s, now - timedelta(seconds=self.settings.idempotency_ttl_seconds))
             n += await outbox.purge_delivered(s, retention)
+            n += await notifications.purge(
+                s,
+                sends_before=now - timedelta(days=self.settings.notification_send_retention_days),
+                inbox_before=now - timedelta(days=self.settings.notification_inbox_retention_days),
+            )
             result = await s.execute(
                 delete(GatewayEvent).where(
                     GatewayEvent.processed_at.is_not(None), GatewayEvent.received_at < retention

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # (so a crash can resend it once), and due sends are looked for at least this often.
     notification_lease_seconds: float = Field(default=60, gt=0)
     notification_poll_seconds: float = Field(default=1.0, gt=0)
+    # Finished sends (with their attempts: what support reads) and inbox items are kept this
+    # long, then purged by the janitor.
+    notification_send_retention_days: int = Field(default=30, ge=1)
+    notification_inbox_retention_days: int = Field(default=90, ge=1)
 
     # Every HTTP request ends within this (504 `request_timeout`). WebSockets are not requests
     # with an end: a tracking socket lives as long as its delivery.

@@ -270,8 +270,6 @@ class PlanResult:
     inbox: list[tuple[uuid.UUID, InboxItemOut]]  # new inbox items and whose (for live sockets)
 
 
-
-
 async def record(
     session: AsyncSession, event_key: str, planned: Sequence[Planned], now: datetime
 ) -> PlanResult:
@@ -649,6 +647,19 @@ async def unsubscribe(session: AsyncSession, user_id: uuid.UUID, now: datetime) 
             set_={"enabled": False, "updated_at": now},
         )
     )
+
+
+# ---------------------------------------------------------------- retention
+
+
+async def purge(session: AsyncSession, *, sends_before: datetime, inbox_before: datetime) -> int:
+    """Drop finished sends (their attempts go with them) and inbox items older than their
+    retention; a send still queued or leased is kept whatever its age."""
+    sends = await session.execute(
+        delete(Send).where(Send.status.in_(("sent", "failed", "skipped")), Send.updated_at < sends_before)
+    )
+    inbox = await session.execute(delete(InboxItem).where(InboxItem.created_at < inbox_before))
+    return int(sends.rowcount) + int(inbox.rowcount)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- support's view

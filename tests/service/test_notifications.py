@@ -480,3 +480,42 @@ def test_a_mail_server_refusing_an_address_for_good_stops_mail_to_it(live: Live,
     ok(user.request("PATCH", "/users/me", json={"email": good}))
     placed_order(live, shop, user)
     assert len(live.client().get("/notifications/dev/mail", params={"to": good}).json()) == 1
+
+
+def test_the_janitor_purges_finished_sends_and_old_inbox_items(live: Live, shop: Shop, ops: Session):
+    import ray
+
+    from actors.jobs import janitor
+
+    user = live.login()
+    placed = placed_order(live, shop, user)
+    device(user)
+    delivered(live, inject(live, "order.packed", {"order_id": placed["id"]}))
+    wait_for(lambda: settled(live, user), what="the sends handed over")
+    live.sql(
+        "UPDATE notification_sends SET updated_at = now() - interval '31 days'"
+        " WHERE user_id = :u AND kind = 'order_placed'",
+        u=user.user_id,
+    )
+    live.sql(
+        "UPDATE notifications SET created_at = now() - interval '91 days' WHERE user_id = :u AND kind = 'order_placed'",
+        u=user.user_id,
+    )
+    # A send still due is kept whatever its age.
+    live.sql(
+        "UPDATE notification_sends SET status = 'queued', next_attempt_at = now() + interval '1 day',"
+        " updated_at = now() - interval '60 days' WHERE user_id = :u AND kind = 'order_packed' AND channel = 'push'",
+        u=user.user_id,
+    )
+    assert ray.get(janitor().run.remote("purge")) >= 2
+    kinds = {(s["kind"], s["channel"]) for s in sends(ops, user)}
+    assert ("order_placed", "push") not in kinds and ("order_packed", "push") in kinds
+    assert (
+        live.sql(
+            "SELECT count(*) AS n FROM notification_attempts a JOIN notification_sends s ON s.id = a.send_id"
+            " WHERE s.user_id = :u AND s.kind = 'order_placed'",
+            u=user.user_id,
+        )[0].n
+        == 0
+    )
+    assert [i["kind"] for i in ok(user.request("GET", "/notifications"))["items"]] == ["order_packed"]
