@@ -2,10 +2,10 @@
 the sends: one row per (event, user, channel), recorded before the message is handed to a
 provider, so a duplicated event never sends twice; each attempt leaves a row support can read.
 
-Everything here works inside one session and only flushes. Turning an event into sends is
-`plan`; handing sends to the providers (and retrying, falling back) is in
-`models.notification_flows`. The rules (who hears what, on which channel, when) are pure, in
-`models.notification_rules`.
+Everything here works inside one session and only flushes; the tables and API schemas are in
+`models.notification_tables` (re-exported here). Deciding an event's messages (`plan_event`)
+and handing sends to the providers (retrying, falling back) is in `models.notification_flows`;
+the rules (who hears what, on which channel, when) are pure, in `models.notification_rules`.
 """
 
 from __future__ import annotations
