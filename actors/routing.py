@@ -46,6 +46,8 @@ APP, DEPLOYMENT = "delivery", "RouteOptimizer"
 # Waiting for a solver beyond the budget: a solver started with the replica is warm within
 # seconds; a warm one answers within milliseconds of its time limit.
 _GRACE_S = 5.0
+# A solver process starts in ~2-3 s; under load allow far more before calling it failed.
+_START_S = 20.0
 # A solve that starts at or past its request's deadline (it waited for its solver) still
 # searches this long: enough for a first solution of a store-sized problem.
 _MIN_SEARCH_S = 0.05
@@ -55,6 +57,10 @@ _MIN_SEARCH_S = 0.05
 class _Solver:
     def __init__(self) -> None:
         self.travel_times = HaversineTravelTimes(get_settings())
+
+    def ready(self) -> bool:
+        """Answers once the process is up (its imports done)."""
+        return True
 
     def solve(self, problem: RoutingProblem, deadline: float, config: SolverConfig) -> RoutingSolution:
         """One configuration, searching until the request's `deadline` (epoch seconds)."""
@@ -82,25 +88,31 @@ class RouteOptimizer:
         self._busy: list[int] = []
         self._last_solve = time.monotonic()
         self._idle_watch: asyncio.Task[None] | None = None
+        self._warm: asyncio.Future[Any] | None = None
 
-    def _start_solvers(self) -> None:
-        if self._solvers:
-            return
+    def _start_solvers(self) -> asyncio.Future[Any]:
+        """The solvers, started if they are not running: a future that ends once they are up."""
+        if self._solvers and self._warm is not None:
+            return self._warm
         width = self.settings.route_optimizer_portfolio
         options = cast(Any, _Solver).options(num_cpus=self.settings.route_optimizer_solver_cpus)
         self._solvers = [options.remote() for _ in range(width)]
         self._busy = [0] * width
+        self._warm = asyncio.ensure_future(asyncio.gather(*(s.ready.remote() for s in self._solvers)))
         if self._idle_watch is None:
             self._idle_watch = asyncio.get_running_loop().create_task(self._stop_solvers_when_idle())
+        return self._warm
 
     async def _stop_solvers_when_idle(self) -> None:
         idle = self.settings.route_optimizer_solver_idle_seconds
         while True:
             await asyncio.sleep(min(idle, 30.0))
-            if self._solvers and not any(self._busy) and time.monotonic() - self._last_solve >= idle:
+            starting = self._warm is not None and not self._warm.done()
+            idle_for = time.monotonic() - self._last_solve
+            if self._solvers and not starting and not any(self._busy) and idle_for >= idle:
                 for solver in self._solvers:
                     ray.kill(solver)
-                self._solvers, self._busy = [], []
+                self._solvers, self._busy, self._warm = [], [], None
                 log.info("route optimizer: solvers stopped after %.0f s without a solve", idle)
 
     def _assign(self, problem: RoutingProblem) -> list[tuple[int, SolverConfig]]:
@@ -131,9 +143,19 @@ class RouteOptimizer:
         returning the best solution found: `stats.time_limit_reached` says whether the clock
         stopped the search. Raises `OptimizerFailed` if no configuration answered."""
         limit = self._budget(time_limit_s)
-        deadline = time.time() + limit
         self._last_solve = time.monotonic()
-        self._start_solvers()
+        try:
+            # Starting the solvers is not search time: under load a cold start took longer than
+            # a request's whole grace, and the first solve after a quiet spell failed.
+            await asyncio.wait_for(asyncio.shield(self._start_solvers()), timeout=_START_S)
+        except TimeoutError:
+            raise OptimizerFailed(f"the solvers did not start within {_START_S:.0f} s") from None
+        except Exception:  # a solver died while starting: start afresh on the next request
+            log.warning("route optimizer: solvers failed to start", exc_info=True)
+            self._solvers, self._busy, self._warm = [], [], None
+            raise OptimizerFailed("the solvers failed to start") from None
+        self._last_solve = time.monotonic()  # the idle watch counts from now, not the start
+        deadline = time.time() + limit
         runs = [asyncio.ensure_future(self._run(i, problem, deadline, c)) for i, c in self._assign(problem)]
         done, _ = await asyncio.wait(runs, timeout=limit + _GRACE_S)
         solutions = []

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config.settings import get_settings
 from deployments.common import resources
@@ -35,14 +36,15 @@ from models.sandbox_fcm import (
     SandboxFcmError,
     SendRequest,
     SendResponse,
+    invalid_argument,
     validation_error,
 )
 
 
 class GoogleErrorRoute(APIRoute):
     """Errors of these routes in Google's formats, bad input included. Caught per route, not
-    by app-wide handlers: the router is mounted into the notifications application, whose
-    other routes answer with our problem documents."""
+    by app-wide handlers: the router is mounted into the sandbox gateway, whose other routes
+    answer in Razorpay's format."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -54,6 +56,10 @@ class GoogleErrorRoute(APIRoute):
                 error: SandboxFcmError = validation_error(exc.errors(), exc.body)
             except SandboxFcmError as exc:
                 error = exc
+            except StarletteHTTPException as exc:  # a body FastAPI could not parse at all
+                if exc.status_code != 400:
+                    raise
+                error = invalid_argument(None, "Invalid JSON payload received.")
             return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
         return handle
