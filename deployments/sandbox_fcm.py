@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -147,8 +147,14 @@ async def send(project: str, body: SendRequest) -> SendResponse:
     return await sandbox().send(project, body)
 
 
+# What a registration token is made of: bounded so a request line stays within what the
+# ingress accepts (HAProxy answers an oversized one itself, in HTML).
+TOKEN_ALPHABET = r"^[A-Za-z0-9:_\-]+$"  # noqa: S105 (a pattern, not a secret)
+TOKEN = Path(min_length=1, max_length=4096, pattern=TOKEN_ALPHABET)
+
+
 @router.post("/sandbox/tokens/{token}/unregister", status_code=204, responses=BAD_INPUT)
-async def unregister(token: str) -> None:
+async def unregister(token: Annotated[str, TOKEN]) -> None:
     """From now on sends to the token answer 404 UNREGISTERED, as after the app is uninstalled."""
     await sandbox().unregister(token)
 
@@ -162,7 +168,9 @@ async def add_fault(body: FaultRequest) -> None:
 
 @router.get("/sandbox/messages", response_model=list[OutboxMessage], responses=BAD_INPUT)
 async def messages(
-    token: Annotated[str, Query(min_length=1, max_length=4096, description="A registration token")],
+    token: Annotated[
+        str, Query(min_length=1, max_length=4096, pattern=TOKEN_ALPHABET, description="A registration token")
+    ],
 ) -> list[OutboxMessage]:
     """The messages delivered to a token, newest first."""
     return await sandbox().messages(token)

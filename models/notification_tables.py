@@ -36,6 +36,7 @@ from models.notification_rules import (
     Channel,
 )
 from models.users import Language
+from models.users import Text as UserText
 
 Platform = Literal["android", "ios", "web"]
 SEND_STATUSES = ("queued", "sending", "sent", "failed", "skipped")
@@ -203,8 +204,8 @@ class BroadcastIn(Strict):
     """A promotion: who gets it (`store_id`: the store's customers; absent: every customer)
     and what it says (plain text: email escapes it)."""
 
-    title: Annotated[str, StringConstraints(min_length=1, max_length=120)]
-    body: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    title: Annotated[UserText, StringConstraints(max_length=120)]
+    body: Annotated[UserText, StringConstraints(max_length=500)]
     store_id: uuid.UUID | None = None
 
 
