@@ -24,7 +24,17 @@ from pydantic import Field
 
 from actors import fleet
 from actors.fleet import Board, PositionBatch, Tracking, read_tracking
-from deployments.sockets import CLOSE, SOCKETS, AuthIn, Message, PingIn, PingOut, Socket, ping_quiet
+from deployments.sockets import (
+    CLOSE,
+    SOCKETS,
+    AuthIn,
+    Message,
+    PingIn,
+    PingOut,
+    Socket,
+    ping_quiet,
+    subscribe,
+)
 from models.delivery import DeliveryOut, OfferOut, PartnerOut, PositionIn, PositionRow
 
 log = logging.getLogger("vurksha.live")
@@ -166,23 +176,7 @@ class Hub:
             ]
 
     async def _listen(self) -> None:
-        from redis.asyncio import Redis
-
-        while True:
-            redis = Redis.from_url(self.redis_url, decode_responses=True)
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(fleet.EVENTS)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            await self._dispatch(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # Redis restarting: resubscribe; clients keep their snapshots
-                log.warning("fleet event subscription lost; resubscribing", exc_info=True)
-                await asyncio.sleep(1)
-            finally:
-                await redis.aclose()
+        await subscribe(self.redis_url, fleet.EVENTS, self._dispatch, "fleet event")
 
     async def _dispatch(self, data: str) -> None:
         if data.startswith("tracking "):  # the hot path: forwarded as published

@@ -20,7 +20,6 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Response, WebSocket
 from fastapi.responses import HTMLResponse
-from redis.asyncio import Redis
 
 from config.settings import get_settings
 from deployments.common import CurrentUser, Db, create_api, require_role, resources, serve_builder
@@ -35,6 +34,7 @@ from deployments.sockets import (
     open_socket,
     ping_quiet,
     serve_socket,
+    subscribe,
 )
 from models import notifications as n
 from models.channels import DevOutbox, OutboxMessage
@@ -113,23 +113,12 @@ class InboxHub:
             self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeats())]
 
     async def _listen(self) -> None:
-        while True:
-            redis = Redis.from_url(self.redis_url, decode_responses=True)
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(INBOX_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            user, item_id, text = message["data"].split(" ", 2)
-                            for socket in list(self.sockets.get(uuid.UUID(user), ())):
-                                socket.post(item_id, text)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # Redis restarting: resubscribe (the inbox holds what was missed)
-                log.warning("inbox subscription lost; resubscribing", exc_info=True)
-                await asyncio.sleep(1)
-            finally:
-                await redis.aclose()
+        await subscribe(self.redis_url, INBOX_CHANNEL, self._deliver, "inbox")
+
+    async def _deliver(self, data: str) -> None:
+        user, item_id, text = data.split(" ", 2)
+        for socket in list(self.sockets.get(uuid.UUID(user), ())):
+            socket.post(item_id, text)
 
     async def _heartbeats(self) -> None:
         while True:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config.settings import get_settings
 from deployments.common import resources
 from models.channels import OutboxMessage
-from models.push import JWT_BEARER, load_service_account
+from models.push import JWT_BEARER, TOKEN_ALPHABET, TOKEN_MAX, load_service_account
 from models.sandbox_fcm import (
     AccessToken,
     FaultRequest,
@@ -147,10 +147,9 @@ async def send(project: str, body: SendRequest) -> SendResponse:
     return await sandbox().send(project, body)
 
 
-# What a registration token is made of: bounded so a request line stays within what the
+# A token in a path or query: in the token alphabet, so a request line stays within what the
 # ingress accepts (HAProxy answers an oversized one itself, in HTML).
-TOKEN_ALPHABET = r"^[A-Za-z0-9:_\-]+$"  # noqa: S105 (a pattern, not a secret)
-TOKEN = Path(min_length=1, max_length=4096, pattern=TOKEN_ALPHABET)
+TOKEN = Path(min_length=1, max_length=TOKEN_MAX, pattern=TOKEN_ALPHABET)
 
 
 @router.post("/sandbox/tokens/{token}/unregister", status_code=204, responses=BAD_INPUT)
@@ -169,7 +168,8 @@ async def add_fault(body: FaultRequest) -> None:
 @router.get("/sandbox/messages", response_model=list[OutboxMessage], responses=BAD_INPUT)
 async def messages(
     token: Annotated[
-        str, Query(min_length=1, max_length=4096, pattern=TOKEN_ALPHABET, description="A registration token")
+        str,
+        Query(min_length=1, max_length=TOKEN_MAX, pattern=TOKEN_ALPHABET, description="A registration token"),
     ],
 ) -> list[OutboxMessage]:
     """The messages delivered to a token, newest first."""

@@ -174,6 +174,31 @@ def ping_quiet(sockets: Any, heartbeat_s: float) -> None:
             socket.post("ping", PING)
 
 
+async def subscribe(
+    redis_url: str, channel: str, on_message: Callable[[str], Awaitable[None]], what: str
+) -> None:
+    """Hand every message of a Redis channel to `on_message`, for as long as the replica
+    runs: one subscription per replica, fanned out to its own sockets. A lost connection
+    (Redis restarting) resubscribes; clients keep what they last got."""
+    from redis.asyncio import Redis
+
+    while True:
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        await on_message(message["data"])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("%s subscription lost; resubscribing", what, exc_info=True)
+            await asyncio.sleep(1)
+        finally:
+            await redis.aclose()
+
+
 async def serve_socket(
     socket: Socket,
     handle: Callable[[dict[str, Any]], Awaitable[None]],

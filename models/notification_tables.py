@@ -35,6 +35,7 @@ from models.notification_rules import (
     Category,
     Channel,
 )
+from models.push import TOKEN_ALPHABET, TOKEN_MAX, TOKEN_MIN
 from models.users import Language
 from models.users import Text as UserText
 
@@ -181,7 +182,9 @@ ATTEMPTS: Table = Attempt.__table__  # type: ignore[assignment]
 
 
 class DeviceIn(Strict):
-    token: Annotated[str, StringConstraints(min_length=20, max_length=4096, pattern=r"^[A-Za-z0-9:_\-]+$")]
+    token: Annotated[
+        str, StringConstraints(min_length=TOKEN_MIN, max_length=TOKEN_MAX, pattern=TOKEN_ALPHABET)
+    ]
     platform: Platform
     app_version: Annotated[str, StringConstraints(max_length=32, pattern=r"^[A-Za-z0-9.+\-_]+$")] | None = (
         None
@@ -197,7 +200,7 @@ class DeviceOut(BaseModel):
 
 
 # A device's token in a path (the same alphabet the registration accepts).
-TOKEN_PATH = Path(min_length=1, max_length=4096, pattern=r"^[A-Za-z0-9:_\-]+$")
+TOKEN_PATH = Path(min_length=1, max_length=TOKEN_MAX, pattern=TOKEN_ALPHABET)
 
 
 class BroadcastIn(Strict):

@@ -211,6 +211,26 @@ async def get_preferences(
     )
 
 
+async def _switch(
+    session: AsyncSession, user_id: uuid.UUID, switches: dict[tuple[str, str], bool], now: datetime
+) -> None:
+    """Set (category, channel) switches of a user, replacing what they set before."""
+    if not switches:
+        return
+    stmt = insert(Preference).values(
+        [
+            {"user_id": user_id, "category": category, "channel": channel, "enabled": on, "updated_at": now}
+            for (category, channel), on in switches.items()
+        ]
+    )
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Preference.user_id, Preference.category, Preference.channel],
+            set_={"enabled": stmt.excluded.enabled, "updated_at": now},
+        )
+    )
+
+
 async def set_preferences(
     session: AsyncSession,
     user_id: uuid.UUID,
@@ -218,31 +238,16 @@ async def set_preferences(
     now: datetime,
     default_quiet: tuple[time, time],
 ) -> PreferencesOut:
-    rows = []
-    for category, switches in body.categories.items():
-        for channel, on in switches.model_dump(exclude_none=True).items():
+    switches: dict[tuple[str, str], bool] = {}
+    for category, chosen in body.categories.items():
+        for channel, on in chosen.model_dump(exclude_none=True).items():
             if category in CRITICAL and not on:
                 raise CriticalCategory(
                     f"{category} messages are critical and cannot be switched off",
                     extra={"category": category.value},
                 )
-            rows.append(
-                {
-                    "user_id": user_id,
-                    "category": category.value,
-                    "channel": channel,
-                    "enabled": on,
-                    "updated_at": now,
-                }
-            )
-    if rows:
-        stmt = insert(Preference).values(rows)
-        await session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[Preference.user_id, Preference.category, Preference.channel],
-                set_={"enabled": stmt.excluded.enabled, "updated_at": now},
-            )
-        )
+            switches[(category.value, channel)] = on
+    await _switch(session, user_id, switches, now)
     if "quiet_hours" in body.model_fields_set:
         starts, ends = body.quiet_hours.times() if body.quiet_hours else (None, None)
         values = {"starts": starts, "ends": ends}
@@ -634,19 +639,7 @@ def unsubscribed_user(token: str, secret: bytes) -> uuid.UUID:
 
 async def unsubscribe(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:
     """Promotional email off (the link's promise); other channels keep their switches."""
-    stmt = insert(Preference).values(
-        user_id=user_id,
-        category=Category.promotions.value,
-        channel=Channel.email.value,
-        enabled=False,
-        updated_at=now,
-    )
-    await session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[Preference.user_id, Preference.category, Preference.channel],
-            set_={"enabled": False, "updated_at": now},
-        )
-    )
+    await _switch(session, user_id, {(Category.promotions.value, Channel.email.value): False}, now)
 
 
 # ---------------------------------------------------------------- retention

@@ -42,6 +42,11 @@ REFRESH_MARGIN_S = 60
 DEV_PROJECT_ID = "vurksha-dev"
 DEV_CLIENT_EMAIL = "notifications@vurksha-dev.iam.gserviceaccount.com"
 
+# What an FCM registration token is made of (in practice ~160 characters); everything that
+# takes one from a client (device registration, paths, the stand-in) checks this alphabet.
+TOKEN_ALPHABET = r"^[A-Za-z0-9:_\-]+$"  # noqa: S105 (a pattern, not a secret)
+TOKEN_MIN, TOKEN_MAX = 20, 4096
+
 # FCM's errorCodes that mean the registration token will never work again.
 DEAD_TOKEN_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"

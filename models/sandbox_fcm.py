@@ -27,7 +27,16 @@ from redis.asyncio import Redis
 
 from models.channels import DevOutbox, OutboxMessage
 from models.errors import AppError
-from models.push import BAD_REQUEST_TYPE, FCM_ERROR_TYPE, JWT_BEARER, SCOPE, ServiceAccount
+from models.push import (
+    BAD_REQUEST_TYPE,
+    FCM_ERROR_TYPE,
+    JWT_BEARER,
+    SCOPE,
+    TOKEN_ALPHABET,
+    TOKEN_MAX,
+    TOKEN_MIN,
+    ServiceAccount,
+)
 
 PREFIX = "sandbox-fcm:"
 ACCESS_TOKEN_TTL_S = 3600
@@ -36,8 +45,8 @@ MAX_MESSAGE_BYTES = 4096
 MAX_ASSERTION_LIFETIME_S = 3600
 # An assertion stamped this far ahead of our clock is still accepted: senders' clocks drift.
 CLOCK_SKEW_S = 60
-# What FCM registration tokens are made of (in practice ~160 characters).
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9:_-]{20,4096}$")
+# What FCM registration tokens are made of (`models.push`).
+TOKEN_PATTERN = re.compile(TOKEN_ALPHABET)
 # FCM's wording (not a secret).
 INVALID_TOKEN = "The registration token is not a valid FCM registration token"  # noqa: S105
 # Message fields that are maps: FCM names their entries `field[i].value`, not `field.key`.
@@ -67,10 +76,11 @@ FaultCode = Literal[
 
 
 class SandboxFcmError(AppError):
-    """An error the stand-in answers in one of Google's formats, not ours."""
+    """An error the stand-in answers in one of Google's formats, not ours: each kind below
+    (the FCM API's, the OAuth token endpoint's) renders its own `body`."""
 
     def body(self) -> dict[str, Any]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: only GoogleError and OAuthError are raised
 
 
 class GoogleError(SandboxFcmError):
@@ -285,7 +295,8 @@ def check_message(message: Message) -> None:
         raise invalid_argument("message", "Recipient of the message is not set.")
     if len(targets) > 1:
         raise invalid_argument("message", "Exactly one of token, topic or condition must be set.")
-    if message.token is not None and not TOKEN_PATTERN.match(message.token):
+    token = message.token
+    if token is not None and not (TOKEN_MIN <= len(token) <= TOKEN_MAX and TOKEN_PATTERN.match(token)):
         raise invalid_argument("message.token", INVALID_TOKEN)
     if len(message.model_dump_json(exclude_none=True).encode()) > MAX_MESSAGE_BYTES:
         raise invalid_argument("message", f"Message is too big: at most {MAX_MESSAGE_BYTES} bytes of JSON.")
