@@ -491,6 +491,10 @@ class _Strict(bodies.Strict):
 Id = str
 # Numbers in a problem are JSON numbers: "600" is a 422, not 600.
 Seconds = Annotated[int, Strict()]
+# Times in a problem stay within 30 days of its origin: every cost the solver adds up (the
+# drop penalty is horizon x lateness cost x stops) then fits OR-Tools' 64-bit integers.
+HORIZON_MAX_S = 30 * 24 * 3600
+Moment = Annotated[Seconds, Field(ge=0, le=HORIZON_MAX_S)]
 
 
 def _invalid(loc: tuple[str | int, ...], kind: str, message: str, value: Any) -> ValidationError:
@@ -514,7 +518,7 @@ class Depot(_Strict):
     """The store: vehicles starting there leave once it is open."""
 
     location: Point
-    opens_s: Seconds = Field(default=0, ge=0)
+    opens_s: Moment = 0
 
 
 class RouteVehicle(_Strict):
@@ -523,7 +527,7 @@ class RouteVehicle(_Strict):
     id: Id = Field(min_length=1, max_length=64)
     start: Point | None = None
     capacity: int = Field(ge=1, le=10_000, strict=True)
-    shift_end_s: Seconds = Field(ge=0)
+    shift_end_s: Moment
     vehicle_type: Vehicle = Vehicle.scooter
 
 
@@ -533,8 +537,8 @@ class RouteStop(_Strict):
     id: Id = Field(min_length=1, max_length=64)
     location: Point
     demand: int = Field(default=1, ge=0, le=10_000, strict=True)
-    earliest_s: Seconds = Field(default=0, ge=0)
-    latest_s: Seconds = Field(ge=0)
+    earliest_s: Moment = 0
+    latest_s: Moment
     service_s: Seconds = Field(default=0, ge=0, le=24 * 3600)
 
     @field_validator("latest_s")
@@ -568,7 +572,7 @@ class RoutingProblem(_Strict):
     pairs: list[PickupDrop] = Field(default_factory=list)
     open_routes: bool = Field(default=False, strict=True)
     lateness_cost_per_s: int = Field(default=10, ge=0, le=10_000, strict=True)
-    max_lateness_s: Seconds | None = Field(default=None, ge=0)
+    max_lateness_s: Moment | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RoutingProblem:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from config.settings import Settings
 from models.delivery_rules import LatLng, Vehicle, haversine_m, travel_s
 from models.routing import (
+    HORIZON_MAX_S,
     SOLVER_PORTFOLIO,
     DropReason,
     HaversineTravelTimes,
@@ -331,10 +332,26 @@ GOOD_VEHICLE = {"id": "v", "capacity": 2, "shift_end_s": 100}
         ({"stops": [GOOD_STOP], "pairs": [{"pickup": "s", "drop": "x"}]}, ("pairs", 0, "drop")),
         ({"stops": [GOOD_STOP], "vehicles": [GOOD_VEHICLE | {"capacity": 0}]}, ("vehicles", 0, "capacity")),
         ({"stops": [GOOD_STOP], "vehicles": []}, ("vehicles",)),
+        # The fuzz sent 2^63-ish times: the solver's costs overflowed (a 503, not a 422).
+        ({"stops": [GOOD_STOP], "vehicles": [GOOD_VEHICLE | {"shift_end_s": 2**62}]}, ("vehicles", 0, "shift_end_s")),
+        ({"stops": [GOOD_STOP | {"latest_s": HORIZON_MAX_S + 1}]}, ("stops", 0, "latest_s")),
     ],
 )
 def test_bad_input_names_the_field(fields: dict[str, object], loc: tuple[object, ...]) -> None:
     assert errors({"vehicles": [GOOD_VEHICLE]} | fields) == [loc]
+
+
+def test_the_longest_horizon_allowed_still_solves() -> None:
+    """Every time at its maximum and the highest lateness cost: the solver's sums fit."""
+    far = {"latest_s": HORIZON_MAX_S, "service_s": 24 * 3600}
+    p = problem(
+        stops=[GOOD_STOP | far, GOOD_STOP | far | {"id": "t", "location": at(2, 2)}],
+        vehicles=[GOOD_VEHICLE | {"shift_end_s": HORIZON_MAX_S, "capacity": 10_000}],
+        lateness_cost_per_s=10_000,
+        max_lateness_s=HORIZON_MAX_S,
+    )
+    solution = solve(p, TIMES, time_limit_s=1)
+    assert solution.dropped == [] and [v.stop_id for v in solution.routes[0].visits] in (["s", "t"], ["t", "s"])
 
 
 # ---------------------------------------------------------------- reproducibility and geography
