@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from actors import call, named, shard_index, steady_gc
+from config import metrics
 from config.settings import Settings, get_settings
 from models import carts
 from models.carts import (
@@ -270,5 +271,6 @@ async def on_shard(user_id: uuid.UUID, method: str, *args: Any) -> CartView:
     """Call one `CartShard` method for this user's cart on the shard that holds it: the
     carts routes' single handle hop."""
     shard = await get_shard(user_id)
+    metrics.CART_OPERATIONS.inc(operation=method)
     result: CartView = await call_cart(getattr(shard, method).remote(user_id, *args))
     return result

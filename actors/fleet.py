@@ -40,6 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from actors import call, named, routing, shard_index, steady_gc
+from config import metrics
 from config.settings import Settings, get_settings
 from models import delivery, orders
 from models.db import make_engine, make_redis, make_sessionmaker, transaction, utcnow
@@ -534,15 +535,19 @@ class FleetShard:
                 self._stores.pop(store_id, None)
                 raise
             store.offers.pop(offer_id, None)
+            metrics.OFFERS.inc(outcome="accepted" if accept else "declined")
             live = store.partners.get(partner_id)
             if live is not None:
                 live.offer_id = None
+            now_s = time.time()
             for oid in offer.order_ids:
                 order = store.orders.get(oid)
                 if order is not None:
                     order.offer_id = None
                     if not accept:
                         order.excluded.add(partner_id)
+                    else:
+                        metrics.DISPATCH_WAIT.observe(max(0.0, now_s - order.queued_at_s))
             for d in deliveries:
                 self._remember_delivery(store, d, rows[d.order_id])
             events: list[dict[str, Any] | str] = [{"type": "trip", "partner_id": partner_id}]
@@ -593,6 +598,7 @@ class FleetShard:
             partner = store.partners.get(uuid.UUID(partner_id))
             if partner is None:
                 acks.append((partner_id, 0, 0, {"unknown_partner": len(points)}))
+                _count_positions(0, {"unknown_partner": len(points)})
                 continue
             result = filter_positions(
                 [_point(p) for p in points], latest=partner.latest, now_s=now_s, settings=self.settings
@@ -603,6 +609,7 @@ class FleetShard:
             )
             dropped = {str(reason): n for reason, n in result.dropped.items() if n}
             self.dropped.update(dropped)
+            _count_positions(len(result.kept), dropped)
             if result.kept:
                 partner.unsaved += result.kept
                 store.dirty_positions.add(partner.id)
@@ -899,6 +906,7 @@ class FleetShard:
             }
         events: list[dict[str, Any]] = []
         for offer in closed:
+            metrics.OFFERS.inc(outcome=status)
             store.offers.pop(offer.id, None)
             partner = store.partners.get(offer.partner_id)
             if partner is not None and partner.offer_id == offer.id:
@@ -934,16 +942,18 @@ class FleetShard:
 
 def tracking_wire(store_id: uuid.UUID, order_id: uuid.UUID, final: bool, tracking: Tracking) -> str:
     """A tracking event as published: a header line the replicas route by (`read_tracking`),
-    then the customer socket's message (`TrackingMsg` in `deployments.live`)."""
+    with when it was made (for the tracking latency metric), then the customer socket's
+    message (`TrackingMsg` in `deployments.live`)."""
     message = f'{{"type":"tracking","tracking":{tracking.model_dump_json()}}}'
-    return f"tracking {order_id} {store_id} {int(final)}\n{message}"
+    return f"tracking {order_id} {store_id} {int(final)} {time.time():.3f}\n{message}"
 
 
-def read_tracking(data: str) -> tuple[uuid.UUID, uuid.UUID, bool, str]:
-    """(order id, store id, final, the socket message) of a published tracking event."""
+def read_tracking(data: str) -> tuple[uuid.UUID, uuid.UUID, bool, float, str]:
+    """(order id, store id, final, epoch seconds when made, the socket message) of a
+    published tracking event."""
     head, message = data.split("\n", 1)
-    _, order_id, store_id, final = head.split(" ")
-    return uuid.UUID(order_id), uuid.UUID(store_id), final == "1", message
+    _, order_id, store_id, final, made_s = head.split(" ")
+    return uuid.UUID(order_id), uuid.UUID(store_id), final == "1", float(made_s), message
 
 
 def _row(p: GpsPoint) -> list[float | None]:
@@ -967,6 +977,13 @@ def fleet_shards(settings: Settings | None = None) -> list[ActorHandle]:
 async def shard_for(store_id: uuid.UUID) -> ActorHandle:
     handles = _shards if _shards is not None else await asyncio.to_thread(fleet_shards)
     return handles[shard_index(store_id, len(handles))]
+
+
+def _count_positions(kept: int, dropped: dict[str, int]) -> None:
+    if kept:
+        metrics.POSITIONS.inc(kept, outcome="kept")
+    for reason, n in dropped.items():
+        metrics.POSITIONS.inc(n, outcome=reason)
 
 
 async def ingest(batches: list[PositionBatch]) -> list[Ack]:

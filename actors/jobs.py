@@ -24,6 +24,7 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from actors import named
+from config import metrics
 from config.settings import Settings, get_settings
 from models import idempotency, notifications, order_flows, orders, outbox
 from models.db import make_engine, make_sessionmaker, utcnow
@@ -87,7 +88,9 @@ class Janitor:
                 return released
 
     async def _reconcile(self) -> int:
-        return await order_flows.reconcile(self._sessions, self._gateway, self.settings)
+        return await order_flows.reconcile(
+            self._sessions, self._gateway, self.settings, applied_fact=metrics.record_fact
+        )
 
     async def _purge(self) -> int:
         now = utcnow()

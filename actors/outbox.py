@@ -22,16 +22,18 @@ from ray.actor import ActorHandle
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from actors import named
+from config import metrics
 from config.settings import Settings, get_settings
 from models import outbox
 from models.carts import Strict
-from models.db import make_engine, make_sessionmaker
+from models.db import make_engine, make_sessionmaker, utcnow
 
 log = logging.getLogger("vurksha.outbox")
 
 RELAY_NAME = "outbox-relay"
 BATCH = 64
 CONCURRENCY = 32
+HEALTH_EVERY_S = 15.0
 DELIVERY_TIMEOUT_S = 20.0
 
 
@@ -60,6 +62,7 @@ class OutboxRelay:
         # Async actors run __init__ on their event loop: the loop starts with the actor, and
         # again with every restart.
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._health = asyncio.get_running_loop().create_task(self._report_health())
 
     # ------------------------------------------------------------ control
 
@@ -104,6 +107,19 @@ class OutboxRelay:
                 log.exception("outbox relay loop failed; retrying")
                 self._listener = None
                 await asyncio.sleep(1)
+
+    async def _report_health(self) -> None:
+        """Outbox lag and dead letters as gauges, every HEALTH_EVERY_S (one relay per cluster,
+        so one series each)."""
+        while True:
+            try:
+                async with self._sessions() as session:
+                    lag, dead = await outbox.health(session, utcnow())
+                metrics.OUTBOX_LAG.set(lag)
+                metrics.OUTBOX_DEAD_LETTERS.set(dead)
+            except Exception:
+                log.warning("outbox health not read", exc_info=True)
+            await asyncio.sleep(HEALTH_EVERY_S)
 
     async def _pump(self) -> int:
         """Claim what there is room for and deliver each event on its own task: a slow event

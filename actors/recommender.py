@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -22,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from threadpoolctl import threadpool_limits
 
 from actors import steady_gc
+from config import metrics
 from config.loopback import serve_grpc_on_loopback
 from config.settings import get_settings
 from models import recommender
@@ -71,6 +74,7 @@ class Recommender:
             data = await recommender.load_artifact(session, wanted)
         scorer = await asyncio.to_thread(_load, data, wanted)
         self._scorer = scorer  # the swap: one assignment
+        metrics.RECOMMENDER_VERSION.set(wanted)
         log.info("recommender: serving model v%d (%d items)", wanted, len(scorer.index))
 
     async def _watch(self) -> None:
@@ -85,18 +89,24 @@ class Recommender:
         self, product_ids: list[str], quantities: list[int], ages_s: list[float], store_id: str, k: int
     ) -> Ranked:
         """`k` candidates for a customer with this history (their own delivered lines)."""
+        return self._rank(lambda m: m.for_you(m.history(product_ids, quantities, ages_s), store_id, k))
+
+    async def similar(self, product_id: str, store_id: str, k: int) -> Ranked:
+        return self._rank(lambda m: m.similar(product_id, store_id, k))
+
+    async def basket(self, product_ids: list[str], store_id: str, k: int) -> Ranked:
+        return self._rank(lambda m: m.basket(product_ids, store_id, k))
+
+    def _rank(self, rank: Callable[[Scorer], Ranked]) -> Ranked:
+        """Rank with the model served now (none yet: the callers fall back to popular)."""
         scorer = self._scorer
         if scorer is None:
             return Ranked([], [], "popular")
-        return scorer.for_you(scorer.history(product_ids, quantities, ages_s), store_id, k)
-
-    async def similar(self, product_id: str, store_id: str, k: int) -> Ranked:
-        scorer = self._scorer
-        return Ranked([], [], "popular") if scorer is None else scorer.similar(product_id, store_id, k)
-
-    async def basket(self, product_ids: list[str], store_id: str, k: int) -> Ranked:
-        scorer = self._scorer
-        return Ranked([], [], "popular") if scorer is None else scorer.basket(product_ids, store_id, k)
+        started = time.perf_counter()
+        try:
+            return rank(scorer)
+        finally:
+            metrics.RECOMMENDER_LATENCY.observe(time.perf_counter() - started)
 
     async def check_health(self) -> None:
         if self._watcher.done():

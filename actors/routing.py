@@ -27,6 +27,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from config import metrics
 from config.loopback import serve_grpc_on_loopback
 from config.settings import get_settings
 from models.errors import ServiceUnavailable
@@ -155,7 +156,16 @@ class RouteOptimizer:
         """Plan `problem` within `time_limit_s` of search (each configuration side by side),
         returning the best solution found: `stats.time_limit_reached` says whether the clock
         stopped the search. Raises `OptimizerFailed` if no configuration answered."""
-        limit = self._budget(time_limit_s)
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            solution = await self._solve(problem, self._budget(time_limit_s))
+            outcome = "solved"
+            return solution
+        finally:
+            metrics.ROUTE_SOLVE.observe(time.monotonic() - started, outcome=outcome)
+
+    async def _solve(self, problem: RoutingProblem, limit: float) -> RoutingSolution:
         self._last_solve = time.monotonic()
         try:
             # Starting the solvers is not search time: under load a cold start took longer than

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=1, le=65535)
+    # Ray's Prometheus endpoint (its metrics and ours, config/metrics.py) on a local cluster:
+    # http://127.0.0.1:<metrics_port>/metrics, loopback only like every Ray port. KubeRay
+    # sets its own (8080, the pods' `metrics` port).
+    metrics_port: int = Field(default=8080, ge=1, le=65535)
     # Peers whose X-Forwarded-For we believe (our own ingress runs on loopback).
     trusted_proxies: list[str] = ["127.0.0.1", "::1"]
     log_level: str = "INFO"

@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # stores), and the ORM resolves them when it orders a flush.
 import models.tables  # noqa: F401
 from actors import steady_gc
+from config import metrics
 from config.logging import setup_logging
 from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
@@ -169,6 +170,10 @@ def problem(
 
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
+    if exc.status_code == 429:
+        metrics.RATE_LIMITED.inc(scope=exc.code)
+    if exc.code == "otp_locked":
+        metrics.OTP_LOCKOUTS.inc()
     return problem(request, exc.status_code, exc.code, exc.message, exc.headers, exc.extra)
 
 

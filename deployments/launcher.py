@@ -182,6 +182,7 @@ def start_ray(settings: Settings, worker_log: Path | None = None) -> None:
     ray.init(
         address="local",
         include_dashboard=False,
+        _metrics_export_port=settings.metrics_port,
         log_to_driver=settings.env != "test",
         configure_logging=False,
     )

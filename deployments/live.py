@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from pydantic import Field
 
 from actors import fleet
 from actors.fleet import Board, PositionBatch, Tracking, read_tracking
+from config import metrics
 from deployments.sockets import (
     CLOSE,
     SOCKETS,
@@ -180,9 +182,12 @@ class Hub:
 
     async def _dispatch(self, data: str) -> None:
         if data.startswith("tracking "):  # the hot path: forwarded as published
-            order_id, store_id, final, message = read_tracking(data)
+            order_id, store_id, final, made_s, message = read_tracking(data)
             self._board_dirty.add(store_id)
-            for socket in list(self.orders.get(order_id, ())):
+            watchers = self.orders.get(order_id)
+            if watchers:
+                metrics.TRACKING_LATENCY.observe(max(0.0, time.time() - made_s))
+            for socket in list(watchers or ()):
                 socket.post("tracking", message, then_close=CLOSE["finished"] if final else None)
             return
         event = json.loads(data)

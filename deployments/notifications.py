@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, Query, Response, WebSocket
 from fastapi.responses import HTMLResponse
 
+from config import metrics
 from config.settings import get_settings
 from deployments.common import CurrentUser, Db, create_api, require_role, resources, serve_builder
 from deployments.sockets import (
@@ -88,7 +89,15 @@ def notifier() -> Notifier:
     if _notifier is None:
         res = resources()
         providers = Providers(push=make_push(res.settings), sms=res.sms, email=make_email(res.settings))
-        _notifier = Notifier(res.sessionmaker, res.redis, providers, res.settings, _clock, _publish)
+        _notifier = Notifier(
+            res.sessionmaker,
+            res.redis,
+            providers,
+            res.settings,
+            _clock,
+            _publish,
+            lambda channel, status: metrics.NOTIFICATIONS.inc(channel=str(channel), outcome=status),
+        )
     return _notifier
 
 

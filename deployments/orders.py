@@ -8,6 +8,7 @@ janitor (reservation expiry, payment reconciliation, purges)."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from fastapi import Query, Response
 from actors.carts import call_cart, get_shard
 from actors.jobs import janitor
 from actors.outbox import relay
+from config import metrics
 from deployments.common import CurrentUser, Db, IdempotencyKey, create_api, resources, serve_builder
 from models import order_flows, orders
 from models.carts import CartState
@@ -71,22 +73,36 @@ async def checkout(body: CheckoutIn, principal: CurrentUser, db: Db, key: Idempo
             # version is taken). The customer sees them and clears them.
             log.warning("cart not emptied after checkout for user %s", principal.id)
 
-    status, content, replayed = await order_flows.checkout(
-        res.sessionmaker,
-        res.gateway,
-        user_id=principal.id,
-        key=key,
-        body=body,
-        settings=res.settings,
-        load_cart=load_cart,
-        consume_cart=consume_cart,
-    )
+    started = time.perf_counter()
+    try:
+        status, content, replayed = await order_flows.checkout(
+            res.sessionmaker,
+            res.gateway,
+            user_id=principal.id,
+            key=key,
+            body=body,
+            settings=res.settings,
+            load_cart=load_cart,
+            consume_cart=consume_cart,
+        )
+    except AppError as exc:
+        _checkout_done(started, "rejected" if exc.status_code < 500 else "failed", exc.code)
+        raise
+    except Exception:
+        _checkout_done(started, "failed", "internal")
+        raise
+    _checkout_done(started, "replayed" if replayed else "placed")
     return Response(
         content=content,
         status_code=status,
         media_type="application/json",
         headers={"Idempotent-Replayed": "true" if replayed else "false"},
     )
+
+
+def _checkout_done(started: float, outcome: str, code: str = "") -> None:
+    metrics.CHECKOUTS.inc(outcome=outcome, code=code)
+    metrics.CHECKOUT_LATENCY.observe(time.perf_counter() - started, outcome=outcome)
 
 
 @api.get("", response_model=OrderPage, tags=["orders"])

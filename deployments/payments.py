@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from actors.jobs import janitor
 from actors.outbox import relay
+from config import metrics
 from deployments.common import (
     CurrentUser,
     Db,
@@ -61,6 +62,7 @@ async def razorpay_webhook(
     raw = await request.body()  # at most MAX_WEBHOOK_BYTES (413 before)
     secret = resources().settings.razorpay_webhook_secret.get_secret_value()
     if not signature or not verify_webhook(secret, raw, signature):
+        metrics.WEBHOOK_FAILURES.inc(provider="razorpay")
         raise Unauthorized("The webhook signature does not match", code="invalid_signature", headers={})
     if not event_id:
         raise BadRequest("X-Razorpay-Event-Id is required", code="event_id_required")
@@ -173,6 +175,8 @@ class _Subscriber:
             )
         else:
             raise ValueError(f"payments does not subscribe to {event.topic}")
+        if outcome.fact:
+            metrics.record_fact(outcome.fact)
         return outcome.detail
 
 

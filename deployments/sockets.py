@@ -12,6 +12,7 @@ thing (also someone else's), 4413 message too large, 4429 too many messages, 100
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from config import metrics
 from deployments.common import Principal, authenticate, resources
 from models.errors import ServiceUnavailable, Unauthorized
 
@@ -217,6 +219,8 @@ async def serve_socket(
 
     sender = asyncio.create_task(socket.sender())
     sender.add_done_callback(sender_ended)
+    route = getattr(socket.ws.scope.get("route"), "path", "?")
+    _count_open(route, +1)
     try:
         while True:
             await handle(await socket.receive())
@@ -233,7 +237,17 @@ async def serve_socket(
     finally:
         reading = False
         sender.cancel()
+        _count_open(route, -1)
         on_close()
+
+
+_OPEN: collections.Counter[str] = collections.Counter()
+
+
+def _count_open(route: str, change: int) -> None:
+    """This replica's open sockets per route (a gauge: Prometheus sums the replicas)."""
+    _OPEN[route] += change
+    metrics.WEBSOCKETS.set(_OPEN[route], socket=route)
 
 
 async def open_socket(ws: WebSocket) -> tuple[Socket, Principal]:

@@ -7,10 +7,12 @@ import uuid
 
 from fastapi import Depends, Request, Response
 
+from config import metrics
 from deployments.common import CurrentUser, Db, client_ip, create_api, require_role, resources, serve_builder
 from models import notifications, users
 from models.channels import otp_sms
 from models.db import utcnow
+from models.errors import AppError
 from models.users import (
     AccountStatusIn,
     AddressIn,
@@ -42,11 +44,16 @@ async def request_otp(body: OtpRequest, request: Request, db: Db) -> OtpChalleng
     per phone and per network per hour."""
     res = resources()
     settings = res.settings
-    challenge, code = await users.request_otp(
-        db, phone=body.phone, ip=client_ip(request), settings=settings, now=utcnow()
-    )
-    await db.commit()  # the SMS goes out only once the challenge is durable
-    await res.sms.send(body.phone, otp_sms(code, settings.otp_ttl_seconds))
+    try:
+        challenge, code = await users.request_otp(
+            db, phone=body.phone, ip=client_ip(request), settings=settings, now=utcnow()
+        )
+        await db.commit()  # the SMS goes out only once the challenge is durable
+        await res.sms.send(body.phone, otp_sms(code, settings.otp_ttl_seconds))
+    except AppError as exc:
+        metrics.OTP_SENDS.inc(outcome=exc.code)
+        raise
+    metrics.OTP_SENDS.inc(outcome="sent")
     return OtpChallengeOut(
         challenge_id=challenge.id,
         expires_in=settings.otp_ttl_seconds,

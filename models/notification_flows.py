@@ -207,6 +207,7 @@ class Notifier:
         settings: Settings,
         clock: Callable[[], datetime],
         on_inbox: Callable[[uuid.UUID, n.InboxItemOut], Awaitable[None]] | None = None,
+        on_settled: Callable[[Channel, str], None] = lambda channel, status: None,
     ) -> None:
         self._sessions = sessions
         self._redis = redis
@@ -214,6 +215,7 @@ class Notifier:
         self._settings = settings
         self._clock = clock
         self._on_inbox = on_inbox
+        self._on_settled = on_settled  # each send handed over: its channel and status (metrics)
         self._wake = {priority: asyncio.Event() for priority in PRIORITIES}
         # Sends in flight, per priority: promotions never take a transactional send's slot.
         self._gates = {priority: asyncio.Semaphore(CONCURRENCY) for priority in PRIORITIES}
@@ -318,6 +320,8 @@ class Notifier:
                     await n.mark_email_undeliverable(session, d.user_id, h.undeliverable, now)
             fallbacks = await n.queue_sends(session, list(_fallbacks(due, handed, now)), now)
             await session.commit()
+        for d, h in zip(due, handed, strict=True):
+            self._on_settled(d.channel, h.settled.status)
         if fallbacks:
             self._wake_all()
         return len(due)

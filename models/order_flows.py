@@ -48,10 +48,13 @@ log = logging.getLogger("vurksha.orders")
 
 @dataclass(frozen=True)
 class Outcome:
-    """What applying a gateway fact did (for logs and tests)."""
+    """What applying a gateway fact did (for logs, tests and the callers' metrics): `fact`
+    names what was applied (payment.captured, payment.failed, refund.processed, refund.failed),
+    empty when nothing was."""
 
     applied: bool
     detail: str
+    fact: str = ""
 
 
 async def _lock_gateway_order(session: AsyncSession, razorpay_order_id: str) -> tuple[Order, Payment] | None:
@@ -97,7 +100,7 @@ async def payment_captured(
     payment.failure_reason = None
     if order.status in (S.pending_payment, S.payment_failed):
         await transition(session, order, S.placed, actor="gateway", reason="payment captured", now=now)
-        return Outcome(True, "order placed")
+        return Outcome(True, "order placed", "payment.captured")
     await request_refund(
         session,
         payment,
@@ -107,7 +110,7 @@ async def payment_captured(
         requested_by=None,
     )
     await session.flush()
-    return Outcome(True, "late capture refunded")
+    return Outcome(True, "late capture refunded", "payment.captured")
 
 
 async def payment_failed(
@@ -128,9 +131,9 @@ async def payment_failed(
         await transition(
             session, order, S.payment_failed, actor="gateway", reason=payment.failure_reason, now=now
         )
-        return Outcome(True, "order payment_failed")
+        return Outcome(True, "order payment_failed", "payment.failed")
     await session.flush()
-    return Outcome(True, "payment failed recorded")
+    return Outcome(True, "payment failed recorded", "payment.failed")
 
 
 async def refund_settled(
@@ -163,7 +166,7 @@ async def refund_settled(
     if refund is None:
         return Outcome(False, "refund already settled")
     if not processed:
-        return Outcome(True, "refund failed")
+        return Outcome(True, "refund failed", "refund.failed")
     order.refunded_paise += refund.amount_paise
     if order.status in (S.delivered, S.partially_refunded):
         target = S.refunded if order.refunded_paise >= order.total_paise else S.partially_refunded
@@ -171,7 +174,7 @@ async def refund_settled(
     else:
         order.updated_at = now
         await session.flush()
-    return Outcome(True, "refund processed")
+    return Outcome(True, "refund processed", "refund.processed")
 
 
 # ---------------------------------------------------------------- gateway workflows
@@ -389,9 +392,11 @@ async def reconcile(
     settings: Settings,
     *,
     limit: int = 100,
+    applied_fact: Callable[[str], None] = lambda fact: None,
 ) -> int:
     """Ask the gateway about payments and refunds still pending after `reconcile_after_seconds`,
-    so a dropped webhook cannot strand an order. Returns how many facts were applied."""
+    so a dropped webhook cannot strand an order. Returns how many facts were applied, each
+    also passed to `applied_fact`."""
     cutoff = utcnow() - timedelta(seconds=settings.reconcile_after_seconds)
     async with sessions() as s:
         pending_orders = (
@@ -444,6 +449,8 @@ async def reconcile(
                 outcome = Outcome(False, "still pending")
             await s.commit()
         applied += outcome.applied
+        if outcome.fact:
+            applied_fact(outcome.fact)
     for refund_id, gateway_refund_id in pending_refunds:
         assert gateway_refund_id is not None
         try:
@@ -451,5 +458,8 @@ async def reconcile(
         except (GatewayUnavailable, GatewayRejected) as exc:
             log.warning("reconcile: gateway refund %s: %s", gateway_refund_id, exc.code)
             continue
-        applied += (await _settle_from_gateway(sessions, refund_id, result)).applied
+        outcome = await _settle_from_gateway(sessions, refund_id, result)
+        applied += outcome.applied
+        if outcome.fact:
+            applied_fact(outcome.fact)
     return applied

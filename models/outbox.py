@@ -180,6 +180,20 @@ async def settle(
     return str(values.get("status", "pending"))
 
 
+async def health(session: AsyncSession, now: datetime) -> tuple[float, int]:
+    """(seconds since the oldest event still pending was recorded, 0 when none; dead letters).
+    Both read few rows: pending events are the due index's, and dead ones should be none."""
+    oldest, dead = (
+        await session.execute(
+            select(
+                select(func.min(OutboxRow.created_at)).where(OutboxRow.status == "pending").scalar_subquery(),
+                select(func.count()).where(OutboxRow.status == "dead").scalar_subquery(),
+            )
+        )
+    ).one()
+    return (max(0.0, (now - oldest).total_seconds()) if oldest else 0.0), int(dead)
+
+
 async def dead_letters(session: AsyncSession, limit: int = 50) -> list[OutboxRow]:
     return list(
         (
