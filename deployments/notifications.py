@@ -370,4 +370,6 @@ if get_settings().dev_endpoints:
         return body
 
 
-app = serve_builder(api, "notifications", _Subscriber)
+# Every app in the foreground holds an inbox socket (an ongoing request, mostly idle): a
+# replica takes thousands, as the delivery replica does.
+app = serve_builder(api, "notifications", _Subscriber, max_ongoing_requests=5_000)
