@@ -3,10 +3,13 @@ like a bearer token, a refresh token or a JWT even if a careless caller formats 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 _SECRET_PATTERNS = [
     re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+"),  # JWTs
@@ -49,8 +52,46 @@ def _for_terminal(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING and not any(p.search(record.getMessage()) for p in BENIGN)
 
 
-def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
-    """Configure the root logger once per process (launcher, replicas, actors).
+# The request a log line is written for: the ASGI scope's `state` of the request being served
+# (its `request_id`, and `user_id` once authenticated), set by the request-id middleware.
+REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("vurksha_request", default=None)
+# Fields a log call may add with `extra=` that JSON lines carry (a request line's).
+_EXTRA = ("method", "path", "status", "latency_ms")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, the request's id and user id
+    when there is a request, a request line's method, path, status and latency, and the
+    traceback. Messages are redacted before they get here (RedactSecrets)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if (state := REQUEST.get()) is not None:
+            entry["request_id"] = state.get("request_id")
+            if "user_id" in state:
+                entry["user_id"] = state["user_id"]
+        for key in _EXTRA:
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc"] = RedactSecrets.text(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def _formatter(fmt: Literal["text", "json"]) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT)
+
+
+def setup_logging(
+    level: str = "INFO", log_file: Path | None = None, fmt: Literal["text", "json"] = "text"
+) -> None:
+    """Configure the root logger once per process (launcher, replicas, actors), in the human
+    format or as JSON lines (`fmt`, settings.log_format).
 
     With `log_file` (the `vurksha run` terminal) everything at `level` goes to that file, and
     the terminal gets only the launcher's steps, warnings and errors."""
@@ -60,11 +101,11 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
     console = logging.StreamHandler()
     console.addFilter(RedactSecrets())
     if log_file is None:
-        console.setFormatter(logging.Formatter(FORMAT))
+        console.setFormatter(_formatter(fmt))
     else:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(log_file)
-        to_file.setFormatter(logging.Formatter(FORMAT))
+        to_file.setFormatter(_formatter(fmt))
         to_file.addFilter(RedactSecrets())
         root.addHandler(to_file)
         console.setFormatter(_TerminalFormatter())

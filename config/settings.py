@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # Peers whose X-Forwarded-For we believe (our own ingress runs on loopback).
     trusted_proxies: list[str] = ["127.0.0.1", "::1"]
     log_level: str = "INFO"
+    # "json": one JSON object a line (request id, user id, latency), for a log pipeline;
+    # "text": the human format.
+    log_format: Literal["text", "json"] = "text"
+    # A line per HTTP request (method, route, status, latency). Off by default: like Serve's
+    # access log, it costs throughput on the hot paths.
+    log_requests: bool = False
 
     # JWT: EdDSA (Ed25519). The private key is PEM text or a file; in development and
     # test a key is generated into the data dir on first run.

@@ -1,6 +1,6 @@
 """`vurksha`: run the backend, migrate, seed, handle dead-lettered events, train and promote
 recommender models, reset the authentication cache, print a running stack's memory
-footprint, or regenerate the OpenAPI document."""
+footprint, or regenerate the OpenAPI document and the alert rules."""
 
 from __future__ import annotations
 
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     footprint.add_argument("--pid", type=int, nargs="*", help="the launcher(s); default: every `vurksha run`")
     openapi = sub.add_parser("openapi", help="write the merged OpenAPI document and the WebSockets' schemas")
     openapi.add_argument("--check", action="store_true", help="exit 1 if openapi.json is stale")
+    alerts = sub.add_parser("alerts", help="write k8s/alerts.yaml (Prometheus alert rules) from k8s/slo.yaml")
+    alerts.add_argument("--check", action="store_true", help="exit 1 if k8s/alerts.yaml is stale")
     args, rest = parser.parse_known_args(argv)
     if args.command == "simulate":
         from pipelines.simulate import main as simulate
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     # `run` keeps the terminal for its steps, warnings and errors; the rest goes to a file.
     log_file = settings.data_dir.resolve() / "logs" / "vurksha.log" if args.command == "run" else None
-    setup_logging(settings.log_level, log_file)
+    setup_logging(settings.log_level, log_file, settings.log_format)
 
     if args.command == "run":
         assert log_file is not None
@@ -203,6 +205,14 @@ def main(argv: list[str] | None = None) -> None:
         for path, text in documents.items():
             path.write_text(text)
             print(f"wrote {path}")
+    elif args.command == "alerts":
+        from config.slo import ALERTS_FILE, load_slo, render_alerts
+
+        rules = render_alerts(load_slo())
+        if args.check:
+            sys.exit(0 if ALERTS_FILE.exists() and ALERTS_FILE.read_text() == rules else 1)
+        ALERTS_FILE.write_text(rules)
+        print(f"wrote {ALERTS_FILE}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import models.tables  # noqa: F401
 from actors import steady_gc
 from config import metrics
-from config.logging import setup_logging
+from config.logging import REQUEST, setup_logging
 from config.loopback import serve_grpc_on_loopback
 from config.settings import Settings, get_settings
 from models import idempotency, products, users
@@ -62,6 +62,7 @@ from models.gateway import RazorpayClient, make_gateway
 from models.tokens import AccessClaims, TokenService
 
 log = logging.getLogger("vurksha.http")
+access_log = logging.getLogger("vurksha.access")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -337,6 +338,7 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.echo: bool | None = None  # decided on the first request, once serve is importable
+        self.log_requests = get_settings().log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -351,14 +353,34 @@ class RequestIdMiddleware:
             extra.append((b"x-request-id", request_id.encode()))
         else:
             request_id = incoming
-        scope.setdefault("state", {})["request_id"] = request_id or None
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id or None
+        REQUEST.set(state)  # this request's task (and what it awaits) logs with its id
+        started = time.perf_counter()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + extra
+                status = message["status"]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self.log_requests and scope["type"] == "http":
+                _log_request(scope, status, time.perf_counter() - started)
+
+
+def _log_request(scope: Scope, status: int, seconds: float) -> None:
+    """The request line (settings.log_requests): the route's template, never the raw path
+    (ids in it), nor the query (tokens, codes, personal data)."""
+    route = getattr(scope.get("route"), "path", None)
+    path = scope.get("root_path", "") + route if route else "(unmatched)"
+    latency_ms = round(seconds * 1000, 1)
+    line = {"method": scope["method"], "path": path, "status": status, "latency_ms": latency_ms}
+    access_log.info("%s %s %d %.1f ms", scope["method"], path, status, latency_ms, extra=line)
 
 
 # ---------------------------------------------------------------- body size
@@ -666,6 +688,8 @@ async def authenticate(db: AsyncSession, access: Access) -> Principal:
             await cache.fill(access, None, None)
             raise
         await cache.fill(access, caller, expires_at)
+    if (state := REQUEST.get()) is not None:
+        state["user_id"] = str(caller.id)  # the request's log lines name its caller
     return Principal(id=caller.id, role=caller.role, store_id=caller.store_id, session_id=access.claims.sid)
 
 
@@ -839,7 +863,7 @@ class _Ingress:
         # Deployments bound into the application (`serve_builder(..., bind=...)`) arrive as
         # handles; the routes reach them by name (serve.get_deployment_handle).
         serve_grpc_on_loopback()
-        setup_logging(get_settings().log_level)
+        setup_logging(get_settings().log_level, fmt=get_settings().log_format)
         resources()  # fail the replica at start, not on the first request, if config is bad
 
     async def __del__(self) -> None:

@@ -98,3 +98,87 @@ def test_worker_output_is_filed_and_only_trouble_is_shown(tmp_path):
     assert len(filed) == 9
     assert "(ServeController pid=41) INFO 2026-11-27 14:05:15,536 controller 41 -- Deploying new app 'users'." in filed
     assert JWT not in log_file.read_text()
+
+
+# ---------------------------------------------------------------- JSON lines
+
+
+@pytest.fixture
+def json_lines(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """The root logger as a replica sets it up with VURKSHA_LOG_FORMAT=json, request lines on."""
+    from config.settings import get_settings
+
+    monkeypatch.setenv("VURKSHA_LOG_REQUESTS", "true")
+    get_settings.cache_clear()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    root.handlers.clear()
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    setup_logging("INFO", fmt="json")
+    try:
+        yield out
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved
+        get_settings.cache_clear()
+
+
+def _lines(out: io.StringIO) -> list[dict[str, object]]:
+    """Our lines (the test's HTTP client logs its own)."""
+    import json
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [line for line in lines if str(line["logger"]).startswith("vurksha")]
+
+
+def test_json_lines_carry_the_request_id_user_id_and_latency_never_a_token(json_lines):
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from config.logging import REQUEST
+    from deployments.common import RequestIdMiddleware
+
+    async def order(request: Request) -> JSONResponse:
+        state = REQUEST.get()
+        assert state is not None
+        state["user_id"] = "u-1"  # what authentication records
+        logging.getLogger("vurksha.orders").info("placing with %s", f"Bearer {JWT}")
+        return JSONResponse({"ok": True}, status_code=201)
+
+    app = RequestIdMiddleware(Starlette(routes=[Route("/orders/{order_id}", order, methods=["POST"])]))
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post(
+                "/orders/123?otp=654321", headers={"X-Request-ID": "req-42", "Authorization": f"Bearer {JWT}"}
+            )
+
+    import asyncio
+
+    assert asyncio.run(call()).status_code == 201
+    app_line, request_line = _lines(json_lines)
+    assert app_line["logger"] == "vurksha.orders" and app_line["level"] == "INFO"
+    assert app_line["request_id"] == "req-42" and app_line["user_id"] == "u-1"
+    assert app_line["message"] == "placing with Bearer [redacted]"
+    assert request_line["logger"] == "vurksha.access"
+    assert (request_line["method"], request_line["path"], request_line["status"]) == ("POST", "/orders/{order_id}", 201)
+    assert isinstance(request_line["latency_ms"], float) and request_line["latency_ms"] >= 0
+    assert request_line["request_id"] == "req-42" and request_line["user_id"] == "u-1"
+    text = str(_lines(json_lines))
+    assert JWT not in text and "654321" not in text and "/orders/123" not in text
+
+
+def test_json_lines_outside_a_request_have_no_request_fields_and_keep_tracebacks(json_lines):
+    try:
+        raise ValueError(f"bad token {JWT}")
+    except ValueError:
+        logging.getLogger("vurksha.relay").exception("delivery failed")
+    (line,) = _lines(json_lines)
+    assert "request_id" not in line and "user_id" not in line
+    assert line["level"] == "ERROR" and "ValueError: bad token [redacted]" in str(line["exc"])
