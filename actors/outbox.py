@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -117,6 +118,7 @@ class OutboxRelay:
                     lag, dead = await outbox.health(session, utcnow())
                 metrics.OUTBOX_LAG.set(lag)
                 metrics.OUTBOX_DEAD_LETTERS.set(dead)
+                metrics.OUTBOX_CHECKED.set(time.time())
             except Exception:
                 log.warning("outbox health not read", exc_info=True)
             await asyncio.sleep(HEALTH_EVERY_S)

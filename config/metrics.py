@@ -112,6 +112,10 @@ CHECKOUT_LATENCY = _histogram(
 PAYMENTS = _counter("vurksha_payments_total", "Payment outcomes (captured, failed)", "outcome")
 REFUNDS = _counter("vurksha_refunds_total", "Refunds by outcome (processed, failed)", "outcome")
 OUTBOX_LAG = _gauge("vurksha_outbox_lag_seconds", "Age of the oldest outbox event not yet delivered")
+# When the relay last read the two above: the gauges keep their last value when it stops.
+OUTBOX_CHECKED = _gauge(
+    "vurksha_outbox_checked_timestamp_seconds", "When the outbox relay last read lag and dead letters"
+)
 OUTBOX_DEAD_LETTERS = _gauge("vurksha_outbox_dead_letters", "Outbox events given up on (dead letters)")
 WEBHOOK_FAILURES = _counter(
     "vurksha_webhook_verifications_failed_total", "Webhooks refused for a bad signature", "provider"
