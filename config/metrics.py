@@ -123,7 +123,9 @@ WEBHOOK_FAILURES = _counter(
 OTP_SENDS = _counter(
     "vurksha_otp_sends_total", "Login codes requested, by outcome (sent, or the error code)", "outcome"
 )
-OTP_LOCKOUTS = _counter("vurksha_otp_lockouts_total", "Login challenges locked after too many wrong codes")
+OTP_LOCKOUTS = _counter(
+    "vurksha_otp_lockouts_total", "Login requests refused because the phone is locked (too many wrong codes)"
+)
 RATE_LIMITED = _counter("vurksha_rate_limit_rejections_total", "Requests refused with 429, by limit", "scope")
 CART_OPERATIONS = _counter(
     "vurksha_cart_operations_total", "Cart shard operations, by operation", "operation"
