@@ -33,6 +33,20 @@ $(STAMP): uv.lock pyproject.toml
 
 setup: $(STAMP)
 
+# checkov (tests/unit/test_terraform.py lints k8s/terraform with it) gets a venv of its own: its
+# exact pins (boto3, networkx, ...) would fight Ray's in .venv. Built once per CHECKOV_VERSION.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV    := .venv-checkov
+CHECKOV_STAMP   := $(CHECKOV_VENV)/.stamp-$(CHECKOV_VERSION)
+$(CHECKOV_STAMP):
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -qq checkov==$(CHECKOV_VERSION)
+	touch $@
+
+.PHONY: checkov-setup
+checkov-setup: $(CHECKOV_STAMP)
+
 ## Start embedded PostgreSQL/Redis (unless DATABASE_URL/REDIS_URL are set), migrate, seed, serve on :8000.
 ## `make run SIMULATE=1` also runs demo traffic (partners, customers, staff) once it is up.
 run: setup
@@ -40,7 +54,7 @@ run: setup
 
 ## The whole test suite against real PostgreSQL, Redis and a local Ray Serve (and headless
 ## Chromium for the dispatcher's map).
-test: setup
+test: setup checkov-setup
 	@$(call debian,chromium,chromium,the map test needs a headless browser)
 	$(BIN)/python -m pytest
 
@@ -56,6 +70,15 @@ openapi: setup
 lock:
 	$(GET_UV)
 	$(UV) lock --upgrade
+
+# pyproject.toml's version names the image; k8s/ runs vurksha/backend:<it> (tests/unit/test_image.py).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE   := vurksha/backend:$(VERSION)
+
+.PHONY: image
+## Build the image the Ray pods in k8s/ run (Docker with BuildKit; push it to your registry).
+image:
+	docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 bench-setup: setup
 	$(SYNC) --group bench
@@ -77,5 +100,15 @@ bench: bench-setup
 	$(BIN)/python -m tests.bench.recommender --serve
 	$(BIN)/python -m tests.bench.notifications
 
+.PHONY: load
+USERS    ?= 50
+DURATION ?= 60s
+## Load test (locust) of real journeys against a running backend (outside production):
+## `make load USERS=50 DURATION=5m [HOST=http://127.0.0.1:8000]`. Prints p50/p95/p99 and
+## failures per step and the verdict against k8s/slo.yaml; fails when an objective is missed.
+# HOST only counts when it is a URL: zsh exports HOST as the machine's name.
+load: setup
+	$(BIN)/python -m tests.load.run --users $(USERS) --duration $(DURATION) $(if $(findstring ://,$(HOST)),--host $(HOST))
+
 clean:
-	rm -rf $(VENV) .vurksha .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CHECKOV_VENV) .vurksha .pytest_cache .mypy_cache .ruff_cache .hypothesis
