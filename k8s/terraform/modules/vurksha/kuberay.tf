@@ -16,7 +16,8 @@ resource "helm_release" "kuberay_operator" {
 
 resource "kubernetes_namespace_v1" "app" {
   metadata {
-    name   = "vurksha"
+    # The namespace k8s/overlays/<environment> deploys into.
+    name = "vurksha-${var.environment}"
     labels = {
       "app.kubernetes.io/part-of" = "vurksha"
       environment                 = var.environment
