@@ -52,6 +52,7 @@ APP_SECRET_ENV = (
 APP_PLAIN_ENV = {
     "VURKSHA_ENV": "production",
     "VURKSHA_SMS_PROVIDER": "http",
+    "VURKSHA_LOG_FORMAT": "json",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "VURKSHA_RAZORPAY_BASE_URL": "https://api.razorpay.com",
     "VURKSHA_FCM_BASE_URL": "https://fcm.googleapis.com",
