@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -199,8 +199,23 @@ def start_ray(settings: Settings, worker_log: Path | None = None) -> None:
     steps.info("Ray started: loopback only, no dashboard, token auth (%.1f s)", time.monotonic() - began)
 
 
-def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: float = 300) -> None:
-    """Deploy every application in the Serve config and wait until all run."""
+def _pin_ingress(app: dict[str, Any]) -> None:
+    """Tests run each HTTP ingress at its minimum: a scale event in the middle of an unrelated
+    test would only cost its time (tests/service/test_autoscaling.py scales one on purpose)."""
+    for deployment in app.get("deployments", ()):
+        scaling = deployment.get("autoscaling_config")
+        if deployment["name"] == app["name"] and scaling:
+            deployment["autoscaling_config"] = {**scaling, "max_replicas": scaling["min_replicas"]}
+
+
+def deploy(
+    settings: Settings,
+    config: dict[str, Any] | None = None,
+    timeout: float = 300,
+    scaling: Collection[str] = (),
+) -> None:
+    """Deploy every application in the Serve config and wait until all run (in tests with
+    each HTTP ingress at its minimum, but the applications named in `scaling`)."""
     from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
@@ -215,6 +230,8 @@ def deploy(settings: Settings, config: dict[str, Any] | None = None, timeout: fl
     # covers only the controller and proxy).
     for app in config["applications"]:
         app.setdefault("logging_config", config.get("logging_config", {}))
+        if settings.env == "test" and app["name"] not in scaling:
+            _pin_ingress(app)
     config["http_options"] = {
         **config.get("http_options", {}),
         "host": settings.http_host,

@@ -4,7 +4,8 @@ one once the load stops, and no request fails on the way (a replica that starts 
 must not cost a request).
 
 serve.yaml's own delays (10 s up, 120 s down) would make the test minutes long; only the
-delays and the target change here, the mechanism is the one production runs."""
+delays and the target change here, the mechanism is the one production runs. (The rest of the
+suite runs each ingress at its minimum: `deployments.launcher.deploy`.)"""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _with(config: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 def fast_autoscaling(live: Live) -> Iterator[None]:
     original = load_serve_config()
-    deploy(get_settings(), _with(original, FAST))
+    deploy(get_settings(), _with(original, FAST), scaling=[APP])
     try:
         yield
     finally:
