@@ -394,9 +394,6 @@ def test_golden_signals_follow_the_service_variable():
 # ------------------------------------------------------------------ the PrometheusRule CRD
 
 
-@pytest.mark.skipif(
-    not PROMETHEUS_RULE_CRD.exists(), reason="the PrometheusRule CRD is not vendored in k8s/crds"
-)
 def test_alerts_match_the_prometheus_rule_crd():
     from tests.unit.test_k8s import CrdValidator, strict
 
